@@ -1,0 +1,91 @@
+"""What every command shares: the one-line error convention, option parsers, the stderr console.
+
+Every error a user can cause is raised as :class:`UserError` (or is a click usage error) and
+ends the process with one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import NoReturn
+
+import typer
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """An error the user can fix: the message says what, where, and what to do."""
+
+
+def console():
+    """The rich console for logs and progress: always stderr, so stdout stays clean."""
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def fail(message: str) -> NoReturn:
+    raise UserError(message)
+
+
+def parse_bool(value: str | bool, name: str = "value") -> bool:
+    """Parse ``true/false`` (as DVC writes booleans into a command line) into a bool."""
+    if isinstance(value, bool):
+        return value
+    lowered = str(value).strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    fail(f"{name} must be true or false, got {value!r}")
+
+
+def quiet_libraries() -> None:
+    """Silence transformers' and the hub's own progress bars and advisory warnings."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        pass
+
+
+def new_app(help_text: str) -> typer.Typer:
+    """A typer app configured the same way everywhere (no locals in tracebacks, no completion)."""
+    return typer.Typer(
+        help=help_text,
+        add_completion=False,
+        pretty_exceptions_show_locals=False,
+        no_args_is_help=False,
+    )
+
+
+def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
+    """Run ``app``; turn user errors and usage errors into one line on stderr and exit 2."""
+    import click
+
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as exc:
+        _die(str(exc))
+    except click.exceptions.Abort:
+        _die("interrupted", code=130)
+    except click.exceptions.ClickException as exc:
+        # Usage errors: bad option type, missing option, unknown option.
+        _die(exc.format_message().replace("\n", " "))
+    except KeyboardInterrupt:
+        _die("interrupted", code=130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+def _die(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+    sys.exit(code)
