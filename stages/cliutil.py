@@ -66,22 +66,41 @@ def new_app(help_text: str) -> typer.Typer:
     )
 
 
+def _exception_classes(name: str) -> tuple[type, ...]:
+    """Every class called ``name`` among click's and typer's exceptions (typer >= 0.2x vendors its
+    own click, whose exceptions are not click's, and keeps Abort/Exit in typer.exceptions)."""
+    import importlib
+
+    found: list[type] = []
+    for module_name in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        cls = getattr(module, name, None)
+        if isinstance(cls, type) and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
 def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
     """Run ``app``; turn user errors and usage errors into one line on stderr and exit 2."""
-    import click
+    aborts = _exception_classes("Abort")
+    usage = _exception_classes("ClickException")
+    exits = _exception_classes("Exit")
 
     try:
         app(args=argv, standalone_mode=False)
     except UserError as exc:
         _die(str(exc))
-    except click.exceptions.Abort:
+    except aborts:
         _die("interrupted", code=130)
-    except click.exceptions.ClickException as exc:
+    except usage as exc:
         # Usage errors: bad option type, missing option, unknown option.
         _die(exc.format_message().replace("\n", " "))
     except KeyboardInterrupt:
         _die("interrupted", code=130)
-    except click.exceptions.Exit as exc:
+    except exits as exc:
         sys.exit(exc.exit_code)
 
 
