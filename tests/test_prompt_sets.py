@@ -36,7 +36,18 @@ EDGY_WORDS = {
     "impostor", "zombie", "force-kills", "crush", "strangler", "hit",
 }
 
-NEAR_DUPLICATE = 0.6  # Jaccard similarity of word sets above which two prompts count as the same
+NEAR_DUPLICATE = 0.6  # Jaccard similarity of content-word sets above which two prompts are "the same"
+
+# Function words and bare request verbs: two prompts that share only these are not near-duplicates
+# ("How do I make a birdhouse?" vs "How do I make a paper crane?").
+STOPWORDS = frozenset(
+    """a an the and or but if so to of in on at by for with from into onto about as than then that
+    this these those it its is are was were be been being do does did done have has had i me my mine
+    you your we our us he him his she her they them their what whats which who whom whose how when
+    where why can could would should will shall may might must not no yes there here some any all
+    each every one just very more most also up out over under again please give tell show explain
+    describe write help make let lets im ive id youre dont doesnt cant wont get got""".split()
+)
 
 
 def _normalize(text: str) -> str:
@@ -47,9 +58,18 @@ def _words(text: str) -> frozenset[str]:
     return frozenset(_normalize(text).split())
 
 
+def _content_words(text: str) -> frozenset[str]:
+    return _words(text) - STOPWORDS
+
+
+def _similar(a: frozenset[str], b: frozenset[str]) -> bool:
+    return bool(a | b) and len(a & b) > NEAR_DUPLICATE * len(a | b)
+
+
 def _sets() -> dict[str, list[str]]:
-    """Every committed prompt set (ours and the demo tuning sets), by path under prompts/."""
-    names = list(MINIMUM) + sorted(str(p.relative_to(PROMPTS)) for p in (PROMPTS / "demo").glob("*.txt"))
+    """Every committed prompt set (ours and the demo tuning prompts), by path under prompts/."""
+    demo = [f"demo/{name}" for name in ("harmful.txt", "harmless.txt") if (PROMPTS / "demo" / name).is_file()]
+    names = list(MINIMUM) + demo
     return {name: load_prompts(PROMPTS / name) for name in names}
 
 
@@ -81,22 +101,27 @@ def test_no_prompt_shared_between_sets():
             seen[key] = name
 
 
+def test_near_duplicate_check_catches_rewordings():
+    assert _similar(_content_words("How do I fix a leaking faucet?"), _content_words("How do I fix a leaking kitchen faucet?"))
+    assert not _similar(_content_words("How do I make a birdhouse?"), _content_words("How do I make a paper crane?"))
+
+
 def test_no_near_duplicates_between_sets():
-    sets = {name: [_words(p) for p in prompts] for name, prompts in _sets().items()}
+    sets = {name: [_content_words(p) for p in prompts] for name, prompts in _sets().items()}
     clashes = []
     for (name_a, words_a), (name_b, words_b) in itertools.combinations(sets.items(), 2):
         for i, a in enumerate(words_a):
             for j, b in enumerate(words_b):
-                if len(a & b) > NEAR_DUPLICATE * len(a | b):
+                if _similar(a, b):
                     clashes.append(f"{name_a}:{i + 1} ~ {name_b}:{j + 1}")
     assert not clashes, f"near-duplicate prompts across sets: {clashes[:10]}"
 
 
 def test_no_near_duplicates_within_our_sets():
     for name in MINIMUM:
-        words = [_words(p) for p in load_prompts(PROMPTS / name)]
+        words = [_content_words(p) for p in load_prompts(PROMPTS / name)]
         for (i, a), (j, b) in itertools.combinations(enumerate(words), 2):
-            assert len(a & b) <= NEAR_DUPLICATE * len(a | b), f"{name}: lines {i + 1} and {j + 1} nearly equal"
+            assert not _similar(a, b), f"{name}: lines {i + 1} and {j + 1} nearly equal"
 
 
 def _quartiles(values: list[int]) -> list[float]:
