@@ -1,0 +1,152 @@
+"""ablate: write one edited shard (only the planned tensors' bytes change).
+
+The output is a copy of the base shard in which only the byte ranges of the tensors listed in
+the shard's plan file are recomputed; the header, every offset and ``__metadata__`` stay
+identical, and a shard without edits is a plain byte copy. Memory stays at one chunk of rows
+(a few MB), never a whole tensor or shard: a 2-D writer is read twice (column statistics, then
+the edit), every other layout once. The output is written under a temporary name and renamed,
+and the input is never written to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from stages.cliutil import console, fail, new_app, run_app
+
+app = new_app(__doc__.split("\n")[0])
+FORMAT = 1
+
+
+def load_plan(path: str | os.PathLike) -> dict:
+    """Read one shard plan written by ``plan``; fail clearly if it is missing or not one."""
+    path = Path(path)
+    if not path.is_file():
+        fail(f"plan file {path} does not exist; run `dvc repro plan` first")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        fail(f"plan file {path} is not valid JSON ({exc}); rerun `dvc repro plan`")
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or "edits" not in doc or "vectors" not in doc:
+        fail(f"{path} is not a shard plan of format {FORMAT}; rerun `dvc repro plan`")
+    return doc
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True if ``a`` and ``b`` are the same path (after resolving links) or the same file."""
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _producer(edits: list[dict], vectors: dict):
+    """The chunked producer of one tensor's edited bytes (see ``stages.safetensors_io.patch_copy``)."""
+    import torch
+
+    from stages.linalg import apply_columns, apply_rows, column_coefficients, column_stats
+    from stages.safetensors_io import as_rows, compute_dtype, read_rows, row_chunks
+
+    layout = edits[0]["layout"]
+    u = torch.stack([vectors[e["vector"]] for e in edits], dim=1)  # [hidden, T] fp64
+
+    def columns(fd: int, info, write) -> None:
+        cdt = compute_dtype(info.dtype)
+        _, cols = as_rows(info)
+        uc = u.to(cdt)
+        g = torch.zeros((u.shape[1], cols), dtype=torch.float64)  # [T, in]
+        n2 = torch.zeros(cols, dtype=torch.float64)  # [in]
+        for start, end in row_chunks(info):
+            part_g, part_n2 = column_stats(read_rows(fd, info, start, end).to(cdt), uc[start:end])
+            g += part_g
+            n2 += part_n2
+        a, f = column_coefficients(g, n2, u, [e["scale"] for e in edits], [e["norm_preserve"] for e in edits])
+        for start, end in row_chunks(info):
+            write(apply_columns(read_rows(fd, info, start, end).to(cdt), uc[start:end], a, f), start)
+
+    def rows(fd: int, info, write) -> None:
+        cdt = compute_dtype(info.dtype)
+        for start, end in row_chunks(info):
+            chunk = read_rows(fd, info, start, end).to(cdt)  # [rows, hidden]
+            for t, e in enumerate(edits):
+                chunk = apply_rows(chunk, u[:, t], float(e["scale"]), bool(e["norm_preserve"]))
+            write(chunk, start)
+
+    return columns if layout == "columns" else rows
+
+
+def ablate_shard(base: Path, plan: dict, out: Path, progress=None) -> int:
+    """Write ``out`` = ``base`` with the plan's edits applied; returns the number of tensors edited."""
+    import torch
+
+    from stages.atomic import atomic_path
+    from stages.safetensors_io import FLOAT_DTYPES, patch_copy, read_header
+
+    base, out = Path(base), Path(out)
+    if not base.is_file():
+        fail(f"base shard {base} does not exist; run `dvc repro base` (or check --base)")
+    if same_file(base, out):
+        fail(f"the output {out} is the input shard itself; write the ablated shard somewhere else (e.g. artifacts/model/)")
+    if plan.get("file") not in (None, base.name):
+        fail(f"the plan is for shard {plan['file']}, not {base.name}; pass the matching --plan file")
+    header = read_header(base)
+    hidden = int(plan["hidden_size"])
+    vectors = {}
+    for key, values in plan["vectors"].items():
+        vectors[key] = torch.tensor(values, dtype=torch.float64)
+        if vectors[key].numel() != hidden or not bool(torch.isfinite(vectors[key]).all()):
+            fail(f"plan vector {key} is not {hidden} finite values; rerun `dvc repro plan`")
+    grouped: dict[str, list[dict]] = {}
+    for edit in plan["edits"]:
+        grouped.setdefault(edit["tensor"], []).append(edit)
+    producers = {}
+    for name, edits in grouped.items():
+        info = header.tensors.get(name)
+        if info is None or info.dtype != edits[0]["dtype"] or list(info.shape) != list(edits[0]["shape"]):
+            got = "missing" if info is None else f"{info.dtype} {list(info.shape)}"
+            fail(f"tensor {name} in {base} is {got}, but the plan expects {edits[0]['dtype']} {edits[0]['shape']}; "
+                 "the plan is out of date: rerun `dvc repro plan`")
+        if info.dtype not in FLOAT_DTYPES:
+            fail(f"tensor {name} is stored as {info.dtype}; editing quantized tensors is not supported yet")
+        if len({e["layout"] for e in edits}) != 1:
+            fail(f"the plan mixes layouts for tensor {name}; rerun `dvc repro plan`")
+        producers[name] = _producer(edits, vectors)
+    with atomic_path(out) as tmp:
+        patch_copy(base, tmp, producers, progress)
+    return len(producers)
+
+
+def ablate(base: Path, plan_path: Path, out: Path) -> int:
+    """Apply one shard's plan with a progress bar on stderr."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    plan = load_plan(plan_path)
+    size = Path(base).stat().st_size if Path(base).is_file() else 0
+    edited = len({e["tensor"] for e in plan["edits"]})
+    columns = (TextColumn("ablate {task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console(), transient=False) as bar:
+        task = bar.add_task(f"{Path(base).name} ({edited} tensors)", total=size)
+        count = ablate_shard(base, plan, out, progress=lambda n: bar.advance(task, n))
+    console().print(f"ablate: {out} written ({count} tensors edited, the rest copied)")
+    return count
+
+
+@app.command()
+def main(
+    base: Annotated[Path, typer.Option(help="The base shard, e.g. models/base/model-00001-of-00004.safetensors.")],
+    plan: Annotated[Path, typer.Option(help="Its plan file, e.g. artifacts/plan/00001.json.")],
+    out: Annotated[Path, typer.Option(help="The edited shard to write (never the base shard itself).")],
+) -> None:
+    """Write one edited shard: a copy of the base shard with only the planned tensors' bytes rewritten."""
+    ablate(base, plan, out)
+
+
+if __name__ == "__main__":
+    run_app(app)

@@ -1,0 +1,147 @@
+"""Building the edit list of a plan: tensors, directions, gains; and its per-shard JSON documents.
+
+Used by ``stages.plan``. Every check that needs the model's tensor names, dtypes and shapes
+lives here: unknown architectures, quantized targets, tied embeddings, writer-like tensors the
+table does not know in a layer that is to be edited, layers without any targeted tensor, and
+shapes whose residual axis is not ``hidden``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from stages.cliutil import fail
+from stages.linalg import fold_gain, layer_direction, unit
+from stages.targets import Match, check_storable, gain_name, match_tensors, quantized_twin
+
+
+def build_edits(model: Path, names: dict[str, str], config: dict, directions: dict, layer_edits: list,
+                options: dict, default) -> tuple[list[dict], str]:
+    """Every edit, in application order: dicts with fp64 ``direction`` (r) and ``vector`` (u) tensors.
+
+    ``names``: tensor -> shard file; ``directions``: the reduce tensors (``unit.{i}``,
+    ``harmless_mean.{i}``, ...); ``layer_edits``: resolved ``LayerEdit`` entries; ``options``:
+    ``norm_preserve``, ``projected``, ``targets``; ``default``: the ``LayerEdit`` used for embeddings.
+    """
+    from stages.safetensors_io import read_header
+
+    arch, prefix, matches, unmatched = match_tensors(names, config)
+    hidden = int(config["hidden_size"])
+    size = directions["direction.0"].numel()
+    if size != hidden:
+        fail(f"the directions have hidden size {size} but the model has {hidden}; "
+             "they were measured on another model: rerun `dvc repro reduce` for this one")
+    roles = set(options["targets"])
+    headers = {f: read_header(Path(model) / f) for f in sorted(set(names.values()))}
+    info = {n: headers[f].tensors[n] for n, f in names.items()}
+    wanted = {e.layer for e in layer_edits if e.scale != 0}
+    for name in unmatched:
+        layer = int(name[len(prefix) + len("layers."):].split(".", 1)[0])
+        if layer not in wanted:
+            continue
+        twin = quantized_twin(name)
+        twin_match = next((m for m in matches if m.name == twin), None) if twin else None
+        if twin and twin_match is None:
+            _, _, more, _ = match_tensors([twin], config)
+            twin_match = more[0] if more else None
+        if twin_match is not None and twin_match.rule.role not in roles:
+            continue
+        if twin_match is not None:
+            fail(f"tensor {twin} of layer {layer} is stored quantized ({name}, {info[name].dtype}); editing "
+                 f"quantized tensors is not supported yet: use a bf16/fp16/fp32 checkpoint of this {arch.name} model")
+        fail(f"tensor {name} of layer {layer} looks like a residual writer but the {arch.name} table has no rule for "
+             "it; refusing to skip it silently: report it, or leave this layer out of ablate.layers")
+    by_layer: dict[int | None, list[Match]] = defaultdict(list)
+    for match in matches:
+        if match.rule.role in roles:
+            by_layer[match.layer].append(match)
+    cache: dict = {}
+
+    def direction(m: int, writes_into: int, sparsity: float):
+        key = (m, writes_into, sparsity)
+        if key not in cache:
+            measured = directions.get(f"unit.{m}", directions[f"direction.{m}"])
+            unit(measured, f"direction at residual index {m}")
+            against = []
+            if options["projected"]:
+                against = [directions[f"harmless_mean.{m}"], directions[f"harmless_mean.{writes_into}"]]
+            cache[key] = layer_direction(measured, against, sparsity)
+        return cache[key]
+
+    gains: dict = {}
+
+    def gain(match: Match):
+        gname = gain_name(match, prefix)
+        if gname is None:
+            return None, None
+        if gname not in gains:
+            if gname not in names:
+                fail(f"norm {gname} (the gain of {match.name}) is missing from the checkpoint; is the model complete?")
+            from safetensors import safe_open
+
+            with safe_open(str(Path(model) / names[gname]), framework="pt") as handle:
+                weight = handle.get_tensor(gname).double().flatten()
+            if weight.numel() != hidden:
+                fail(f"norm {gname} has {weight.numel()} values, expected {hidden}")
+            gains[gname] = weight + arch.gain_offset
+        return gname, gains[gname]
+
+    def add(match: Match, setting, r) -> dict:
+        tinfo = info[match.name]
+        check_storable(match, tinfo.dtype, set(names), arch)
+        shape = list(tinfo.shape)
+        ok = (len(shape) == 2 and shape[0] == hidden) if match.rule.layout == "columns" else (shape and shape[-1] == hidden)
+        if not ok:
+            fail(f"tensor {match.name} has shape {shape}; its residual axis should have size {hidden} "
+                 f"({match.rule.layout} layout): the {arch.name} table does not fit this checkpoint")
+        gname, g = gain(match)
+        return {
+            "tensor": match.name, "file": names[match.name], "role": match.rule.role, "layer": match.layer,
+            "layout": match.rule.layout, "bias": match.rule.bias,
+            "norm_preserve": bool(options["norm_preserve"] and not match.rule.bias),
+            "scale": float(setting.scale), "measurement": int(setting.measurement), "sparsity": float(setting.sparsity),
+            "projected": bool(options["projected"]), "direction": r, "vector": fold_gain(r, g), "gain": gname,
+            "gain_offset": float(arch.gain_offset) if gname else 0.0, "dtype": tinfo.dtype, "shape": shape,
+        }
+
+    edits: list[dict] = []
+    if "embeddings" in roles and default.scale != 0:
+        lm_head = any(n.endswith("lm_head.weight") for n in names)
+        if config.get("tie_word_embeddings", True) or not lm_head:
+            fail("the embeddings are tied to the output head (tie_word_embeddings): editing them would change every "
+                 "output logit too; drop embeddings from ablate.targets")
+        for match in by_layer[None]:
+            edits.append(add(match, default, direction(default.measurement, 0, default.sparsity)))
+    for setting in layer_edits:
+        found = by_layer[setting.layer]
+        if not found:
+            present = sorted({m.rule.role for m in matches if m.layer == setting.layer})
+            fail(f"layer {setting.layer} has no tensor for targets {', '.join(sorted(roles))} in this {arch.name} model "
+                 f"(it has: {', '.join(present) or 'nothing known'}); change ablate.targets or ablate.layers")
+        if setting.scale == 0:
+            continue
+        r = direction(setting.measurement, setting.layer + 1, setting.sparsity)
+        edits.extend(add(match, setting, r) for match in found)
+    return edits, arch.name
+
+
+def shard_documents(edits: list[dict], shards: dict[str, str], hidden: int, fmt: int) -> dict[str, dict]:
+    """One JSON-ready document per shard key: its edits (sorted by tensor, application order kept)
+    and a table of the fp64 vectors they reference (``v0000``, ... in order of first use)."""
+    key_of = {f: k for k, f in shards.items()}
+    docs = {k: {"format": fmt, "file": f, "hidden_size": hidden, "edits": [], "vectors": {}}
+            for k, f in sorted(shards.items())}
+    ids: dict[str, dict[tuple, str]] = defaultdict(dict)
+    for edit in sorted(edits, key=lambda e: e["tensor"]):
+        key = key_of[edit["file"]]
+        entry = {k: v for k, v in edit.items() if k != "file"}
+        for field in ("direction", "vector"):
+            values = tuple(float(x) for x in edit[field].tolist())
+            table = ids[key]
+            if values not in table:
+                table[values] = f"v{len(table):04d}"
+                docs[key]["vectors"][table[values]] = list(values)
+            entry[field] = table[values]
+        docs[key]["edits"].append(entry)
+    return docs
