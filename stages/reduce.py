@@ -177,8 +177,8 @@ def reduce(harmful: Path, harmless: Path, out: Path, winsorize: float = 1.0, pro
     tensors, metadata = reduce_directions(harmful, harmless, winsorize, projected)
     save_safetensors(tensors, metadata, out)
     console().print(
-        f"reduce: {metadata['num_indices']} residual indices, {int(tensors['count.harmful'])} harmful / "
-        f"{int(tensors['count.harmless'])} harmless vectors -> {out}"
+        f"reduce: {metadata['num_indices']} residual indices, {int(tensors['count.harmful'][0])} harmful / "
+        f"{int(tensors['count.harmless'][0])} harmless vectors -> {out}"
     )
     return metadata
 
