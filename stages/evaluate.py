@@ -1,0 +1,219 @@
+"""Stage ``evaluate``: the ablated model against the baseline -- refusal rates, over-refusal, KL, a report.
+
+It renders nothing: it reuses the baseline's token ids, generation settings and stop ids, so the two
+models answer exactly the same inputs. Metrics (``metrics/eval.json``, flat numbers for
+``dvc exp show``):
+
+  * ``refusal_rate_before`` / ``refusal_rate_after``: share of harmful eval prompts refused by the
+    base / ablated model; ``over_refusal_rate_before`` / ``_after``: the same on harmless prompts.
+    Both verdicts come from ``stages.refusal`` now (the base's stored answers are re-judged, so a
+    change of the marker list moves before and after together); an empty answer is a refusal and is
+    also counted in ``empty_answers_before`` / ``_after``;
+  * ``kl_first_token``: mean over harmless prompts of KL(base || ablated) of the first answer token,
+    full vocabulary, natural log (the number heretic reports);
+  * ``kl_answer``: mean per-token KL(base || ablated) along the base's own answer (teacher-forced,
+    first ``kl-tokens`` tokens of each harmless answer, pooled over all those tokens), over the base's
+    top-k tokens plus one "rest" category -- a lower bound of the full-vocabulary KL.
+
+``reports/eval.md`` has the table and answers side by side: the harmful prompts whose verdict
+changed first, the harmless prompts with a changed verdict or the largest first-token KL.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+from stages.cliutil import console, fail, new_app, run_app
+
+app = new_app(__doc__.splitlines()[0])
+SHOWN = 4  # answers of each set shown in the report
+
+
+def evaluate(model_dir: str | Path, baseline: str | Path, metrics_path: str | Path, report_path: str | Path, *,
+             batch_size: int, dtype: str = "float32", device: str = "auto") -> dict:
+    """Answer the baseline's prompts with ``model_dir``, compare, write metrics and report; return metrics."""
+    from stages.atomic import write_json, write_text
+    from stages.baseline import read_baseline, refusal_stop
+    from stages.generation import answer_logprobs, answer_text, greedy_generate, kl_full, kl_top_k, progress, stop_ids
+    from stages.modelio import check_model_dir, load_model, load_tokenizer, pick_device
+    from stages.refusal import find_refusal
+
+    if batch_size < 1:
+        fail(f"batch-size must be at least 1, got {batch_size}; set evaluate.batch-size")
+    if Path(metrics_path).resolve() == Path(report_path).resolve():
+        fail(f"--metrics and --report are the same file ({metrics_path}); give two paths")
+    rows, meta = read_baseline(baseline)
+    check_model_dir(model_dir)
+    try:
+        tokenizer = load_tokenizer(model_dir)
+    except (OSError, ValueError) as exc:
+        fail(f"cannot load the tokenizer of {model_dir} ({type(exc).__name__}); the folder needs the base "
+             "model's tokenizer files (run `dvc repro` to copy them)")
+    device = pick_device(device)
+    model = load_model(model_dir, dtype, device)
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    if vocab != meta["vocab_size"]:
+        fail(f"{model_dir} has a vocabulary of {vocab} tokens but the baseline {baseline} was made with "
+             f"{meta['vocab_size']}; evaluate an ablated copy of the baseline's model ({meta['model']})")
+    sets, n = rows["set"], len(rows["set"])
+    harmful = {i for i in range(n) if sets[i] == "harmful"}
+    eos = sorted(set(meta["eos_ids"]) | set(stop_ids(model, tokenizer)))
+    start = time.perf_counter()
+    with progress("evaluate: ablated model answers", n) as advance:
+        answers = greedy_generate(model, rows["prompt_ids"], max_new_tokens=meta["max_new_tokens"], eos_ids=eos,
+                                  pad_id=meta["pad_id"], batch_size=batch_size, device=device, advance=advance,
+                                  stop_early=refusal_stop(tokenizer, harmful))
+    after_text = [answer_text(tokenizer, a) for a in answers]
+    before_why = [find_refusal(t) for t in rows["answer"]]
+    after_why = [find_refusal(t) for t in after_text]
+
+    harmless = [i for i in range(n) if sets[i] == "harmless"]
+    kl_first: dict[int, float] = {}
+    kl_tokens: list[float] = []
+    with progress("evaluate: KL on harmless prompts", len(harmless)) as advance:
+        for k, logprobs in answer_logprobs(model, [rows["prompt_ids"][i] for i in harmless],
+                                           [rows["answer_ids"][i] for i in harmless], n_tokens=meta["kl_tokens"],
+                                           pad_id=meta["pad_id"], batch_size=batch_size, device=device):
+            i = harmless[k]
+            kl_first[i] = kl_full(rows["first_logprobs"][i], logprobs[0])
+            kl_tokens += kl_top_k(rows["kl_ids"][i], rows["kl_logprobs"][i], rows["kl_tail"][i], logprobs)
+            advance(1)
+    metrics = compute_metrics(sets, before_why, after_why, rows["answer"], after_text, list(kl_first.values()),
+                              kl_tokens)
+    report = render_report(rows, meta, after_text, before_why, after_why, kl_first, metrics,
+                           model_dir=str(model_dir), baseline=str(baseline))
+    write_json(metrics_path, metrics)
+    write_text(report_path, report)
+    _log(metrics, time.perf_counter() - start)
+    return metrics
+
+
+def _sig(value: float) -> float:
+    """Six significant digits: readable in ``dvc exp show``, still meaningful for tiny KLs."""
+    return float(f"{value:.6g}")
+
+
+def compute_metrics(sets: list[str], before_why: list, after_why: list, before_text: list[str],
+                    after_text: list[str], kl_first: list[float], kl_tokens: list[float]) -> dict:
+    """The flat metrics dictionary (rates in [0, 1], KL in nats, counts as integers)."""
+    def rate(name: str, why: list) -> float:
+        rows = [i for i, s in enumerate(sets) if s == name]
+        return _sig(sum(why[i] is not None for i in rows) / len(rows)) if rows else 0.0
+
+    return {
+        "refusal_rate_before": rate("harmful", before_why),
+        "refusal_rate_after": rate("harmful", after_why),
+        "over_refusal_rate_before": rate("harmless", before_why),
+        "over_refusal_rate_after": rate("harmless", after_why),
+        "kl_first_token": _sig(sum(kl_first) / len(kl_first)) if kl_first else 0.0,
+        "kl_answer": _sig(sum(kl_tokens) / len(kl_tokens)) if kl_tokens else 0.0,
+        "kl_answer_tokens": len(kl_tokens),
+        "prompts_harmful": sum(s == "harmful" for s in sets),
+        "prompts_harmless": sum(s == "harmless" for s in sets),
+        "empty_answers_before": sum(1 for t in before_text if not t.strip()),
+        "empty_answers_after": sum(1 for t in after_text if not t.strip()),
+    }
+
+
+def _cell(text: str, limit: int = 600) -> str:
+    import unicodedata
+
+    text = "".join(ch if ch in "\n\r\t" or unicodedata.category(ch) != "Cc" else "\ufffd" for ch in text.strip())
+    text = text if len(text) <= limit else text[:limit] + " …"
+    if not text:
+        return "*(empty answer)*"
+    for old, new in (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ("|", "\\|"), ("\r", ""), ("\n", "<br>")):
+        text = text.replace(old, new)
+    return text
+
+
+def _verdict(why) -> str:
+    return "answered" if why is None else f"**refused** ({why})"
+
+
+def pick_examples(sets, before_why, after_why, kl_first: dict[int, float], shown: int = SHOWN) -> dict[str, list[int]]:
+    """Rows to show: per set, changed verdicts first (in file order), then harmless rows by largest KL."""
+    picked: dict[str, list[int]] = {}
+    for name in ("harmful", "harmless"):
+        rows = [i for i, s in enumerate(sets) if s == name]
+        changed = [i for i in rows if (before_why[i] is None) != (after_why[i] is None)]
+        rest = sorted((i for i in rows if i not in changed), key=lambda i: (-kl_first.get(i, 0.0), i))
+        picked[name] = (changed + rest)[:shown]
+    return picked
+
+
+def render_report(rows: dict, meta: dict, after_text, before_why, after_why, kl_first, metrics, *,
+                  model_dir: str, baseline: str) -> str:
+    """``reports/eval.md``: the metrics table and a few answers side by side."""
+    def pct(name: str, rate: str, why: list) -> str:
+        total = metrics[f"prompts_{name}"]
+        count = sum(1 for i, s in enumerate(rows["set"]) if s == name and why[i] is not None)
+        return f"{100 * metrics[rate]:.1f}% ({count}/{total})"
+
+    m = metrics
+    lines = [
+        "# Evaluation", "",
+        f"Ablated model `{model_dir}` against the base model `{meta['model']}` (baseline `{baseline}`): "
+        f"{m['prompts_harmful']} harmful and {m['prompts_harmless']} harmless held-out prompts, greedy answers "
+        f"of at most {meta['max_new_tokens']} tokens; KL measured on the harmless prompts.", "",
+        "| metric | base | ablated |", "|---|---:|---:|",
+        f"| refusal rate (harmful) | {pct('harmful', 'refusal_rate_before', before_why)} | "
+        f"{pct('harmful', 'refusal_rate_after', after_why)} |",
+        f"| over-refusal rate (harmless) | {pct('harmless', 'over_refusal_rate_before', before_why)} | "
+        f"{pct('harmless', 'over_refusal_rate_after', after_why)} |",
+        f"| empty answers (counted as refusals) | {m['empty_answers_before']} | {m['empty_answers_after']} |", "",
+        "| KL(base ‖ ablated), nats | mean |", "|---|---:|",
+        f"| first answer token, full vocabulary | {m['kl_first_token']:.6g} |",
+        f"| per token along the base answer (first {meta['kl_tokens']} tokens, top-{meta['top_k']} + rest) | "
+        f"{m['kl_answer']:.6g} |", "",
+    ]
+    if m["empty_answers_after"]:
+        lines += [f"**Warning:** the ablated model generated nothing for {m['empty_answers_after']} of "
+                  f"{m['prompts_harmful'] + m['prompts_harmless']} prompts; they count as refusals.", ""]
+    picked = pick_examples(rows["set"], before_why, after_why, kl_first)
+    for name in ("harmful", "harmless"):
+        lines += [f"## {name.capitalize()} prompts", ""]
+        for i in picked[name]:
+            kl = f" · first-token KL {kl_first[i]:.4g}" if i in kl_first else ""
+            lines += [f"**{rows['index'][i] + 1}.** {_cell(rows['text'][i], 300)}{kl}", "",
+                      "| base | ablated |", "|---|---|",
+                      f"| {_verdict(before_why[i])} | {_verdict(after_why[i])} |",
+                      f"| {_cell(rows['answer'][i])} | {_cell(after_text[i])} |", ""]
+    return "\n".join(lines)
+
+
+def _log(metrics: dict, seconds: float) -> None:
+    from rich.table import Table
+
+    table = Table(title="evaluate", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in sorted(metrics.items()):
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    log = console()
+    log.print(table)
+    if metrics["empty_answers_after"]:
+        log.print(f"[yellow]warning:[/] the ablated model generated nothing for {metrics['empty_answers_after']} "
+                  "prompts (counted as refusals)")
+    log.print(f"evaluate: done in {seconds:.1f} s")
+
+
+@app.command()
+def main(
+    model: Path = typer.Option(..., help="Ablated model folder (Hugging Face layout)."),
+    baseline: Path = typer.Option(..., help="Baseline parquet written by the baseline stage."),
+    metrics: Path = typer.Option(..., help="Output metrics JSON."),
+    report: Path = typer.Option(..., help="Output Markdown report."),
+    batch_size: int = typer.Option(16, help="Prompts per batch."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
+) -> None:
+    """Refusal rates before/after, over-refusal, first-token and answer KL of the ablated model; a report."""
+    evaluate(model, baseline, metrics, report, batch_size=batch_size, dtype=dtype, device=device)
+
+
+if __name__ == "__main__":
+    run_app(app)
