@@ -13,7 +13,8 @@ a hub id ``org/name[@revision]`` or ``demo``. It
 For a folder both lists come from the folder. For the other sources they are known only once
 ``base`` has run, so ``use`` runs ``dvc repro base`` itself and reads ``models/base``. A path
 inside the repository is stored relative to it, any other path absolute. On any failure
-params.yaml and model.yaml are left exactly as they were.
+params.yaml and model.yaml are left exactly as they were (and ``dvc checkout base`` puts the
+previous models/base back, which DVC removed before running the stage).
 """
 
 from __future__ import annotations
@@ -166,6 +167,12 @@ def dvc_repro_base(root: Path) -> None:
         fail("`dvc repro base` failed (see its message above); params.yaml and model.yaml are unchanged")
 
 
+def dvc_checkout_base(root: Path) -> None:
+    """Best effort: put the previous models/base back (DVC removed it before running base)."""
+    subprocess.run([sys.executable, "-m", "dvc", "checkout", "--quiet", "base"], cwd=root,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def stored_source(kind: str, value: str, root: Path) -> str:
     """How the source is written into params.yaml: paths relative to the repo when inside it."""
     if kind in ("demo", "hub"):
@@ -178,7 +185,8 @@ def stored_source(kind: str, value: str, root: Path) -> str:
 
 
 def use(source: str, root: Path | None = None, max_shard_size: str | None = None,
-        repro: Callable[[Path], None] = dvc_repro_base) -> dict:
+        repro: Callable[[Path], None] = dvc_repro_base,
+        restore: Callable[[Path], None] | None = dvc_checkout_base) -> dict:
     """Point the pipeline in ``root`` at ``source``. Returns ``{source, kind, shards, files}``."""
     from stages.atomic import write_text
     from stages.base import classify_source
@@ -203,6 +211,8 @@ def use(source: str, root: Path | None = None, max_shard_size: str | None = None
         from stages.atomic import write_bytes
 
         write_bytes(params, original)
+        if kind != "folder" and restore is not None:
+            restore(root)
         raise
     console().print(
         f"use: model.source = {stored} ({kind}); model.yaml: {len(shards)} shard(s), {len(files)} other file(s). "

@@ -142,7 +142,7 @@ def test_failed_base_leaves_everything_unchanged(repo, monkeypatch, capsys):
 
     monkeypatch.chdir(repo)
     with pytest.raises(use.UserError):
-        use.use("someone/model", repro=repro)
+        use.use("someone/model", repro=repro, restore=None)
     assert {n: (repo / n).read_bytes() for n in before} == before
 
 

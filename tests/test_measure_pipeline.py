@@ -1,0 +1,163 @@
+"""The measuring half of the pipeline under DVC, in a temporary git repository.
+
+`abliterate use` on a tiny model, `dvc repro score`, then: a no-op repro runs nothing; editing
+prompts/harmless.txt reruns capture@harmless, reduce and score but not capture@harmful; editing a
+reduce.* key reruns neither capture; the source model folder is never modified; a local remote
+shares everything (push, clone, pull: nothing to rerun); a failing `use` changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import tiny
+from tests.measure_helpers import HARMFUL, HARMLESS, REPO, write_lines
+
+pytestmark = pytest.mark.slow
+
+MEASURING = {"base", "capture@harmful", "capture@harmless", "reduce", "score"}
+
+
+def environment(tmp: Path) -> dict:
+    env = dict(os.environ)
+    env.update({
+        "DVC_NO_ANALYTICS": "1",
+        "DVC_SITE_CACHE_DIR": str(tmp / "dvc-site"),
+        "PATH": str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
+        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
+        "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp / "hf"),
+        "OMP_NUM_THREADS": "2",
+    })
+    env.pop("PYTHONPATH", None)  # stages/ must come from the repository under test
+    return env
+
+
+def run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def dvc(root: Path, env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "dvc", *args], root, env, check)
+
+
+def git(root: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    return run(["git", *args], root, env)
+
+
+def stages_run(result: subprocess.CompletedProcess) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", result.stdout + result.stderr))
+
+
+def stale(root: Path, env: dict) -> dict:
+    """`dvc status --json` of score and everything it depends on ({} = up to date)."""
+    return json.loads(dvc(root, env, "status", "--json", "--with-deps", "score").stdout or "{}")
+
+
+def file_state(folder: Path) -> dict:
+    return {p.name: (p.stat().st_ino, p.stat().st_mode, p.read_bytes()) for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    env = environment(tmp)
+    model = tiny.make_model("llama", tmp / "source-model", layers=3)
+    root = tmp / "repo"
+    root.mkdir()
+    for name in ("dvc.yaml", "params.yaml", "model.yaml", ".gitignore", ".dvcignore", "pyproject.toml"):
+        if (REPO / name).exists():
+            shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    if not (root / "stages" / "demo.py").exists():  # a dependency of `base` only
+        (root / "stages" / "demo.py").write_text('"""placeholder"""\n')
+    if (REPO / "prompts" / "demo").is_dir() and any((REPO / "prompts" / "demo").iterdir()):
+        shutil.copytree(REPO / "prompts" / "demo", root / "prompts" / "demo")
+    else:
+        write_lines(root / "prompts" / "demo" / "placeholder.txt", ["x"])
+    write_lines(root / "prompts" / "harmful.txt", HARMFUL)
+    write_lines(root / "prompts" / "harmless.txt", HARMLESS)
+    git(root, env, "init", "-q")
+    dvc(root, env, "init", "-q")
+    dvc(root, env, "config", "cache.type", "reflink,hardlink,symlink,copy")
+    dvc(root, env, "config", "core.analytics", "false")
+    # capture.device/dtype stay at their defaults (auto -> cpu, float32)
+    run([sys.executable, "-m", "stages.use", str(model)], root, env)
+    git(root, env, "add", "-A")
+    git(root, env, "commit", "-qm", "pipeline on a tiny model")
+    before = file_state(model)
+    first = dvc(root, env, "repro", "score")
+    return {"root": root, "env": env, "model": model, "tmp": tmp, "first": first, "source_before": before}
+
+
+def test_repro_then_reruns_only_what_changed(project):
+    root, env = project["root"], project["env"]
+    assert stages_run(project["first"]) == MEASURING
+    metrics = json.loads((root / "metrics" / "layers.json").read_text())
+    assert metrics["num_layers"] == 3 and 0 <= metrics["best_index"] <= 3
+    assert (root / "plots" / "layers.csv").read_text().startswith("index,quality")
+    assert (root / "artifacts" / "activations" / "harmful.parquet").is_file()
+    assert stale(root, env) == {}
+
+    # a no-op repro runs nothing
+    assert stages_run(dvc(root, env, "repro", "score")) == set()
+
+    # one more harmless prompt: its capture, reduce and score rerun; the harmful capture does not
+    write_lines(root / "prompts" / "harmless.txt", HARMLESS + ["Suggest a name for a small orange cat."])
+    assert set(stale(root, env)) == {"capture@harmless"}
+    assert stages_run(dvc(root, env, "repro", "score")) == {"capture@harmless", "reduce", "score"}
+
+    # a reduce.* key: neither capture reruns
+    params = (root / "params.yaml").read_text()
+    assert "  projected: false       # unit directions" in params
+    (root / "params.yaml").write_text(params.replace("  projected: false       # unit directions",
+                                                     "  projected: true        # unit directions", 1))
+    assert set(stale(root, env)) == {"reduce"}
+    assert stages_run(dvc(root, env, "repro", "score")) == {"reduce", "score"}
+    assert stale(root, env) == {}
+
+    # the source folder was linked, never written: same inodes, permissions and bytes
+    assert file_state(project["model"]) == project["source_before"]
+
+
+def test_remote_push_clone_pull(project):
+    root, env, tmp = project["root"], project["env"], project["tmp"]
+    dvc(root, env, "repro", "score")
+    dvc(root, env, "remote", "add", "-d", "store", str(tmp / "remote"))
+    git(root, env, "add", "-A")
+    git(root, env, "commit", "-qm", "measured")
+    dvc(root, env, "push", "--with-deps", "score")
+    clone = tmp / "clone"
+    run(["git", "clone", "-q", str(root), str(clone)], tmp, env)
+    assert not (clone / "artifacts" / "directions.safetensors").exists()
+    dvc(clone, env, "pull", "--with-deps", "score")
+    assert (clone / "artifacts" / "directions.safetensors").read_bytes() == \
+        (root / "artifacts" / "directions.safetensors").read_bytes()
+    assert (clone / "models" / "base" / "config.json").is_file()
+    assert stale(clone, env) == {}
+    assert stages_run(dvc(clone, env, "repro", "score")) == set()
+
+
+def test_use_with_unreachable_hub_changes_nothing(project):
+    root, env = project["root"], project["env"]
+    dvc(root, env, "repro", "score")
+    before = {n: (root / n).read_bytes() for n in ("params.yaml", "model.yaml")}
+    result = run([sys.executable, "-m", "stages.use", "nobody-here/no-model"], root, env, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: `dvc repro base` failed")
+    assert "could not fetch 'nobody-here/no-model'" in result.stderr
+    assert {n: (root / n).read_bytes() for n in before} == before
+    # models/base is back and the pipeline is still up to date
+    assert (root / "models" / "base" / "config.json").is_file()
+    assert stale(root, env) == {}
