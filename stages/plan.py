@@ -268,6 +268,8 @@ def _report(layer_edits: list[LayerEdit], edits: list[dict], settings: dict) -> 
         table.add_row("embeddings", "", "", "", *[str(sum(1 for x in edits if x["layer"] is None and x["role"] == r))
                                                   for r in roles])
     log = console()
+    if not log.is_terminal:
+        log.width = max(log.width, 120)  # logs (dvc repro, CI) get the whole table
     log.print(table)
     touched = sum(1 for v in settings["edited_tensors"].values() if v)
     log.print(f"plan: {len(edits)} edits in {touched} of {len(settings['shards'])} shards")

@@ -1,0 +1,116 @@
+"""Streamed safetensors reading and patching."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from stages import safetensors_io as sio
+from stages.cliutil import UserError
+
+
+@pytest.fixture()
+def shard(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.weight": torch.randn(33, 17, generator=gen),
+        "b.bf16": torch.randn(4, 5, 64, generator=gen).to(torch.bfloat16),
+        "c.f16": torch.randn(64, generator=gen).to(torch.float16),
+        "d.int": torch.arange(10, dtype=torch.int64),
+    }
+    path = tmp_path / "shard.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt", "note": "kept"})
+    return path, tensors
+
+
+def test_header_matches_the_library(shard):
+    path, tensors = shard
+    header = sio.read_header(path)
+    assert header.metadata == {"format": "pt", "note": "kept"}
+    assert set(header.tensors) == set(tensors)
+    with safe_open(str(path), framework="pt") as handle:
+        for name in tensors:
+            assert list(handle.get_slice(name).get_shape()) == list(header.tensors[name].shape)
+
+
+@pytest.mark.parametrize("name", ["a.weight", "b.bf16", "c.f16"])
+def test_row_chunks_read_back_the_tensor(shard, name):
+    path, tensors = shard
+    info = sio.read_header(path).tensors[name]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        parts = [sio.read_rows(fd, info, a, b) for a, b in sio.row_chunks(info, chunk_elements=100)]
+    finally:
+        os.close(fd)
+    assert len(parts) > 1 or info.numel <= 100
+    expected = tensors[name].reshape(-1, tensors[name].shape[-1])
+    assert torch.equal(torch.cat(parts), expected)
+
+
+def test_patch_copy_without_producers_is_a_byte_copy(shard, tmp_path):
+    path, _ = shard
+    out = tmp_path / "copy.safetensors"
+    sio.patch_copy(path, out, {})
+    assert out.read_bytes() == path.read_bytes()
+
+
+def test_patch_copy_rewrites_only_the_produced_range(shard, tmp_path, monkeypatch):
+    path, tensors = shard
+    monkeypatch.setattr(sio, "CHUNK_ELEMENTS", 64)  # many chunks
+
+    def negate(fd, info, write):
+        for a, b in sio.row_chunks(info, chunk_elements=64):
+            write(-sio.read_rows(fd, info, a, b).float(), a)
+
+    out = tmp_path / "patched.safetensors"
+    sio.patch_copy(path, out, {"b.bf16": negate})
+    info = sio.read_header(path).tensors["b.bf16"]
+    old, new = path.read_bytes(), out.read_bytes()
+    assert len(old) == len(new)
+    assert old[: info.begin] == new[: info.begin] and old[info.end:] == new[info.end:]
+    with safe_open(str(out), framework="pt") as handle:
+        assert handle.metadata() == {"format": "pt", "note": "kept"}
+        assert torch.equal(handle.get_tensor("b.bf16"), -tensors["b.bf16"])
+        assert torch.equal(handle.get_tensor("a.weight"), tensors["a.weight"])
+
+
+def test_kernel_copy_failure_falls_back_to_read_write(shard, tmp_path, monkeypatch):
+    path, _ = shard
+
+    def broken(*args, **kwargs):
+        raise OSError(18, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", broken, raising=False)
+    out = tmp_path / "fallback.safetensors"
+    sio.patch_copy(path, out, {})
+    assert out.read_bytes() == path.read_bytes()
+
+
+def test_a_producer_that_writes_too_little_is_an_error(shard, tmp_path):
+    path, _ = shard
+    with pytest.raises(ValueError, match="bytes written"):
+        sio.patch_copy(path, tmp_path / "x.safetensors", {"a.weight": lambda fd, info, write: None})
+
+
+def test_broken_files_are_user_errors(tmp_path, shard):
+    path, _ = shard
+    short = tmp_path / "short.safetensors"
+    short.write_bytes(b"\x01\x02")
+    with pytest.raises(UserError, match="not a safetensors file"):
+        sio.read_header(short)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(struct.pack("<Q", 5) + b"{oops")
+    with pytest.raises(UserError, match="corrupt"):
+        sio.read_header(bad)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(UserError, match="truncated"):
+        sio.read_header(truncated)
+    header = json.loads(path.read_bytes()[8: 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]])
+    assert "__metadata__" in header
