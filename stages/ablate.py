@@ -82,12 +82,11 @@ def _producer(edits: list[dict], vectors: dict):
     return columns if layout == "columns" else rows
 
 
-def ablate_shard(base: Path, plan: dict, out: Path, progress=None) -> int:
-    """Write ``out`` = ``base`` with the plan's edits applied; returns the number of tensors edited."""
+def prepare(base: Path, plan: dict, out: Path) -> dict:
+    """Check the shard, the plan and the output path; return the producers of the edited tensors."""
     import torch
 
-    from stages.atomic import atomic_path
-    from stages.safetensors_io import FLOAT_DTYPES, patch_copy, read_header
+    from stages.safetensors_io import FLOAT_DTYPES, read_header
 
     base, out = Path(base), Path(out)
     if not base.is_file():
@@ -118,6 +117,15 @@ def ablate_shard(base: Path, plan: dict, out: Path, progress=None) -> int:
         if len({e["layout"] for e in edits}) != 1:
             fail(f"the plan mixes layouts for tensor {name}; rerun `dvc repro plan`")
         producers[name] = _producer(edits, vectors)
+    return producers
+
+
+def ablate_shard(base: Path, plan: dict, out: Path, progress=None) -> int:
+    """Write ``out`` = ``base`` with the plan's edits applied; returns the number of tensors edited."""
+    from stages.atomic import atomic_path
+    from stages.safetensors_io import patch_copy
+
+    producers = prepare(base, plan, out)
     with atomic_path(out) as tmp:
         patch_copy(base, tmp, producers, progress)
     return len(producers)
@@ -127,15 +135,18 @@ def ablate(base: Path, plan_path: Path, out: Path) -> int:
     """Apply one shard's plan with a progress bar on stderr."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from stages.atomic import atomic_path
+    from stages.safetensors_io import patch_copy
+
     plan = load_plan(plan_path)
-    size = Path(base).stat().st_size if Path(base).is_file() else 0
-    edited = len({e["tensor"] for e in plan["edits"]})
+    producers = prepare(base, plan, out)  # every check before the first byte is written
     columns = (TextColumn("ablate {task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console(), transient=False) as bar:
-        task = bar.add_task(f"{Path(base).name} ({edited} tensors)", total=size)
-        count = ablate_shard(base, plan, out, progress=lambda n: bar.advance(task, n))
-    console().print(f"ablate: {out} written ({count} tensors edited, the rest copied)")
-    return count
+        task = bar.add_task(f"{Path(base).name} ({len(producers)} tensors)", total=Path(base).stat().st_size)
+        with atomic_path(out) as tmp:
+            patch_copy(base, tmp, producers, progress=lambda n: bar.advance(task, n))
+    console().print(f"ablate: {out} written ({len(producers)} tensors edited, the rest copied)")
+    return len(producers)
 
 
 @app.command()

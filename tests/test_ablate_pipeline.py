@@ -1,0 +1,193 @@
+"""The ablate and finalize stages as commands, and the writing half of the pipeline under DVC.
+
+Fast: ablate refuses to overwrite its input and leaves nothing behind on failure, an unedited
+shard is a byte copy, the result does not depend on the chunk size, finalize writes exactly its
+two files, byte-stably. Slow (DVC in a temporary git repo, the real dvc.yaml): changing
+``ablate.scale`` reruns plan, the shards holding edits and finalize, not the measuring stages;
+changing ``ablate.layers`` so that one shard's edits change reruns only that shard's stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import tiny
+from ablation_util import plan_and_ablate
+from stages import safetensors_io
+from stages.ablate import ablate_shard, app, load_plan
+from stages.cliutil import run_app
+from stages.finalize import finalize
+
+REPO = Path(__file__).resolve().parents[1]
+MEASURING = {"base", "capture@harmful", "capture@harmless", "reduce", "score"}
+
+
+@pytest.fixture(scope="module")
+def ablated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ablate")
+    base = tiny.make_model("mixtral", root / "base", layers=2)
+    out = plan_and_ablate(base, root, layers="1", measurement="1", targets="experts")
+    return root, base, out
+
+
+def _invoke(argv, capsys):
+    capsys.readouterr()
+    try:
+        run_app(app, [str(a) for a in argv])
+        return 0, capsys.readouterr().err
+    except SystemExit as exc:
+        return exc.code, capsys.readouterr().err
+
+
+def _keys(root):
+    return yaml.safe_load((root / "model.yaml").read_text())["shards"]
+
+
+def test_input_is_never_the_output(ablated, capsys):
+    root, base, _ = ablated
+    key, name = next(iter(_keys(root).items()))
+    before = (base / name).read_bytes()
+    link = root / "link.safetensors"
+    link.symlink_to(base / name)
+    for target in (base / name, link):
+        code, err = _invoke(["--base", base / name, "--plan", root / "plan" / f"{key}.json", "--out", target], capsys)
+        assert code == 2 and err.startswith("error: ") and "is the input shard itself" in err
+    assert (base / name).read_bytes() == before
+
+
+def test_failures_leave_no_output(ablated, tmp_path, capsys):
+    root, base, _ = ablated
+    keys = list(_keys(root).items())
+    (k1, n1), (k2, _) = keys[0], keys[1]
+    code, err = _invoke(["--base", base / n1, "--plan", root / "plan" / f"{k2}.json", "--out", tmp_path / n1], capsys)
+    assert code == 2 and "the plan is for shard" in err
+    edited = next(k for k, _ in keys if load_plan(root / "plan" / f"{k}.json")["edits"])
+    stale = load_plan(root / "plan" / f"{edited}.json")
+    stale["edits"][0]["shape"] = [1, 2]
+    (tmp_path / "stale.json").write_text(json.dumps(stale))
+    name = _keys(root)[edited]
+    code, err = _invoke(["--base", base / name, "--plan", tmp_path / "stale.json", "--out", tmp_path / name], capsys)
+    assert code == 2 and "rerun `dvc repro plan`" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stale.json"]  # no output, no temporary file
+
+
+def test_unedited_shards_are_byte_copies_and_chunking_does_not_matter(ablated, tmp_path, monkeypatch):
+    root, base, out = ablated
+    plans = {name: load_plan(root / "plan" / f"{key}.json") for key, name in _keys(root).items()}
+    assert any(not p["edits"] for p in plans.values()) and any(p["edits"] for p in plans.values())
+    for name, plan in plans.items():
+        if not plan["edits"]:
+            assert (out / name).read_bytes() == (base / name).read_bytes()
+    monkeypatch.setattr(safetensors_io, "CHUNK_ELEMENTS", 50)  # one or two rows per chunk
+    for name, plan in plans.items():
+        if plan["edits"]:
+            ablate_shard(base / name, plan, tmp_path / name)
+            small, large = load_file(str(tmp_path / name)), load_file(str(out / name))
+            for tensor in small:
+                assert torch.allclose(small[tensor], large[tensor], rtol=1e-6, atol=1e-7), tensor
+
+
+def test_finalize_writes_its_two_files_byte_stably(ablated, tmp_path):
+    root, base, out = ablated
+    before = sorted(p.name for p in out.iterdir())
+    doc = finalize(base, root / "plan", root / "directions.safetensors", out)
+    first = (out / "abliteration.json").read_bytes(), (out / "README.md").read_bytes()
+    finalize(base, root / "plan", root / "directions.safetensors", out)
+    assert ((out / "abliteration.json").read_bytes(), (out / "README.md").read_bytes()) == first
+    assert sorted(p.name for p in out.iterdir()) == sorted(set(before) | {"abliteration.json", "README.md"})
+    assert set(doc["source"]["shards"]) == set(_keys(root).values())
+    assert all(len(h) == 64 for h in doc["source"]["shards"].values()) and len(doc["directions"]["sha256"]) == 64
+    assert set(doc["plan"]) == set(_keys(root)) and doc["tool"]["name"] == "abliterate"
+    card = (out / "README.md").read_text()
+    assert "| decoder layers edited | 1 (1 of 2) |" in card and "| targets | experts |" in card
+
+
+# --- DVC ---------------------------------------------------------------------------------------
+
+
+def _env(tmp: Path) -> dict:
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", DVC_SITE_CACHE_DIR=str(tmp / "dvc-site"), HF_HUB_OFFLINE="1",
+               HF_HOME=str(tmp / "hf"), OMP_NUM_THREADS="2", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com")
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def _run(cmd, cwd, env):
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def _repro(root, env) -> set[str]:
+    result = _run([sys.executable, "-m", "dvc", "repro", "finalize", "ablate", "carry"], root, env)
+    return set(re.findall(r"Running stage '([^']+)'", result.stdout + result.stderr))
+
+
+def _set_ablate(root, **values):
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["ablate"].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _edited_shards(root) -> dict[str, set]:
+    shards = yaml.safe_load((root / "model.yaml").read_text())["shards"]
+    return {k: {e["tensor"] for e in json.loads((root / "artifacts" / "plan" / f"{k}.json").read_text())["edits"]}
+            for k in shards}
+
+
+@pytest.mark.slow
+def test_dvc_reruns_only_what_an_ablate_change_touches(tmp_path):
+    from measure_helpers import HARMFUL, HARMLESS, write_lines
+
+    env = _env(tmp_path)
+    model = tiny.make_model("llama", tmp_path / "source", layers=3)
+    root = tmp_path / "repo"
+    root.mkdir()
+    for name in ("dvc.yaml", "params.yaml", "model.yaml", ".gitignore", ".dvcignore"):
+        if (REPO / name).exists():
+            shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    write_lines(root / "prompts" / "demo" / "placeholder.txt", ["x"])
+    write_lines(root / "prompts" / "harmful.txt", HARMFUL)
+    write_lines(root / "prompts" / "harmless.txt", HARMLESS)
+    _run(["git", "init", "-q"], root, env)
+    _run([sys.executable, "-m", "dvc", "init", "-q"], root, env)
+    _run([sys.executable, "-m", "stages.use", str(model)], root, env)
+    _set_ablate(root, layers="1", targets="attention")
+    _run(["git", "add", "-A"], root, env)
+    _run(["git", "commit", "-qm", "tiny"], root, env)
+
+    first = _repro(root, env)
+    shards = _edited_shards(root)
+    assert MEASURING | {"plan", "finalize"} <= first and {f"ablate@{k}" for k in shards} <= first
+    assert _repro(root, env) == set()  # nothing changed: nothing runs
+
+    _set_ablate(root, scale=0.5)
+    holding = {f"ablate@{k}" for k, tensors in shards.items() if tensors}
+    assert len(holding) == 1 and len(shards) > 1
+    assert _repro(root, env) == {"plan", "finalize"} | holding
+
+    # add layer X whose o_proj lives in another shard than layer 1's: only that shard reruns
+    weight_map = json.loads((root / "models" / "base" / "model.safetensors.index.json").read_text())["weight_map"]
+    key_of = {name: key for key, name in yaml.safe_load((root / "model.yaml").read_text())["shards"].items()}
+    where = {k: key_of[weight_map[f"model.layers.{k}.self_attn.o_proj.weight"]] for k in range(3)}
+    other = next((k for k in (0, 2) if where[k] != where[1]), 0)
+    _set_ablate(root, layers=f"1,{other}")
+    assert _repro(root, env) == {"plan", "finalize", f"ablate@{where[other]}"}
+    rows = json.loads((root / "artifacts" / "model" / "abliteration.json").read_text())["settings"]["layers"]
+    assert sorted(r["layer"] for r in rows) == sorted({1, other})
+    assert (root / "artifacts" / "model" / "config.json").is_file()
+
