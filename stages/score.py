@@ -46,7 +46,7 @@ def index_scores(directions: dict) -> list[dict]:
     """One dict of scores per residual index (keys: see ``COLUMNS``), from a directions dict.
 
     ``directions`` maps ``harmful_mean.{i}``, ``harmless_mean.{i}``, ``direction.{i}`` to 1-D
-    tensors (as ``reduce`` writes them); everything is computed in fp64.
+    tensors or numpy arrays (as ``reduce`` writes them); everything is computed in fp64.
     """
     import torch
 
@@ -61,9 +61,9 @@ def index_scores(directions: dict) -> list[dict]:
     previous = None
     for i in range(_num_indices(directions)):
         try:
-            harmful = directions[f"harmful_mean.{i}"].to(torch.float64).flatten()  # [H]
-            harmless = directions[f"harmless_mean.{i}"].to(torch.float64).flatten()  # [H]
-            direction = directions[f"direction.{i}"].to(torch.float64).flatten()  # [H]
+            harmful = torch.as_tensor(directions[f"harmful_mean.{i}"]).to(torch.float64).flatten()  # [H]
+            harmless = torch.as_tensor(directions[f"harmless_mean.{i}"]).to(torch.float64).flatten()  # [H]
+            direction = torch.as_tensor(directions[f"direction.{i}"]).to(torch.float64).flatten()  # [H]
         except KeyError as exc:
             fail(f"the directions lack {exc.args[0]}; rerun the reduce stage")
         values = torch.stack([harmful, harmless, direction])

@@ -45,6 +45,9 @@ def test_index_scores_by_hand():
     expected = math.degrees(math.acos((2 * -4 + -2 * 3) / (math.sqrt(8) * 5)))
     assert t["rotation"] == pytest.approx(expected)
     assert t["snr"] == pytest.approx(5 / 3.5) and t["purity"] == pytest.approx(3 / 5)
+    # numpy arrays (as safetensors.numpy loads them) give the same scores
+    as_numpy = {k: v.numpy() for k, v in directions_from([[2.0, 0.0]], [[0.0, 2.0]]).items()}
+    assert index_scores(as_numpy)[0]["quality"] == pytest.approx(s["quality"])
 
 
 def test_pick_best_respects_depth_range_and_ties():
