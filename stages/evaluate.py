@@ -84,7 +84,7 @@ def evaluate(model_dir: str | Path, baseline: str | Path, metrics_path: str | Pa
     metrics = compute_metrics(sets, before_why, after_why, rows["answer"], after_text, list(kl_first.values()),
                               kl_tokens)
     report = render_report(rows, meta, after_text, before_why, after_why, kl_first, metrics,
-                           model_dir=str(model_dir), baseline=str(baseline))
+                           after_stop=[a.stop for a in answers], model_dir=str(model_dir), baseline=str(baseline))
     write_json(metrics_path, metrics)
     write_text(report_path, report)
     _log(metrics, time.perf_counter() - start)
@@ -130,6 +130,11 @@ def _cell(text: str, limit: int = 600) -> str:
     return text
 
 
+def _answer(text: str, stop: str) -> str:
+    """A table cell with the answer; "…" marks one cut by the token budget or by an early refusal stop."""
+    return _cell(text) + (" …" if text.strip() and stop in ("length", "early") else "")
+
+
 def _verdict(why) -> str:
     return "answered" if why is None else f"**refused** ({why})"
 
@@ -146,7 +151,7 @@ def pick_examples(sets, before_why, after_why, kl_first: dict[int, float], shown
 
 
 def render_report(rows: dict, meta: dict, after_text, before_why, after_why, kl_first, metrics, *,
-                  model_dir: str, baseline: str) -> str:
+                  after_stop: list[str], model_dir: str, baseline: str) -> str:
     """``reports/eval.md``: the metrics table and a few answers side by side."""
     def pct(name: str, rate: str, why: list) -> str:
         total = metrics[f"prompts_{name}"]
@@ -158,7 +163,8 @@ def render_report(rows: dict, meta: dict, after_text, before_why, after_why, kl_
         "# Evaluation", "",
         f"Ablated model `{model_dir}` against the base model `{meta['model']}` (baseline `{baseline}`): "
         f"{m['prompts_harmful']} harmful and {m['prompts_harmless']} harmless held-out prompts, greedy answers "
-        f"of at most {meta['max_new_tokens']} tokens; KL measured on the harmless prompts.", "",
+        f"of at most {meta['max_new_tokens']} tokens (\u2026 marks an answer cut by that budget, or a harmful one "
+        "stopped once its refusal was certain); KL measured on the harmless prompts.", "",
         "| metric | base | ablated |", "|---|---:|---:|",
         f"| refusal rate (harmful) | {pct('harmful', 'refusal_rate_before', before_why)} | "
         f"{pct('harmful', 'refusal_rate_after', after_why)} |",
@@ -181,7 +187,8 @@ def render_report(rows: dict, meta: dict, after_text, before_why, after_why, kl_
             lines += [f"**{rows['index'][i] + 1}.** {_cell(rows['text'][i], 300)}{kl}", "",
                       "| base | ablated |", "|---|---|",
                       f"| {_verdict(before_why[i])} | {_verdict(after_why[i])} |",
-                      f"| {_cell(rows['answer'][i])} | {_cell(after_text[i])} |", ""]
+                      f"| {_answer(rows['answer'][i], rows['stop'][i])} | {_answer(after_text[i], after_stop[i])} |",
+                      ""]
     return "\n".join(lines)
 
 

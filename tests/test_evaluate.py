@@ -243,3 +243,16 @@ def test_chat_answers_and_ends_cleanly(work):
     assert both.returncode == 0, both.stderr
     header = both.stdout.splitlines()[1]
     assert "base" in header and "ablated" in header and "never" not in both.stdout
+
+
+def test_refusal_stop_only_stops_decided_refusals_of_chosen_rows():
+    from stages.baseline import refusal_stop
+    from tests.tiny import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    stop = refusal_stop(tokenizer, {0})
+    decided = tokenizer("I'm sorry, but I can't help with that request. Is there anything else?",
+                        add_special_tokens=False)["input_ids"]
+    assert stop(0, decided)
+    assert not stop(1, decided)  # not a row that may stop early
+    assert not stop(0, decided[:12])  # "I'm sorry, b": not decided yet
