@@ -90,7 +90,8 @@ def converse(speakers: list[Speaker], max_new_tokens: int, stdin: TextIO, stdout
     out = Console(file=stdout, highlight=False)
     try:
         while True:
-            log.print("[bold]you>[/] ", end="")
+            sys.stderr.write("you> ")
+            sys.stderr.flush()
             line = stdin.readline()
             if not line:  # end of input (Ctrl-D)
                 log.print()

@@ -256,3 +256,20 @@ def test_refusal_stop_only_stops_decided_refusals_of_chosen_rows():
     assert stop(0, decided)
     assert not stop(1, decided)  # not a row that may stop early
     assert not stop(0, decided[:12])  # "I'm sorry, b": not decided yet
+
+
+def test_chat_ends_cleanly_on_ctrl_c(work):
+    import signal
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "stages.chat", "--model", str(work / "base"), "--device", "cpu"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, env=env)
+    seen = ""
+    while not seen.endswith("you>"):  # wait for the input prompt
+        char = proc.stderr.read(1)
+        assert char, seen
+        seen += char
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in err and "(interrupted)" in err
