@@ -3,8 +3,9 @@
 The output is a copy of the base shard in which only the byte ranges of the tensors listed in
 the shard's plan file are recomputed; the header, every offset and ``__metadata__`` stay
 identical, and a shard without edits is a plain byte copy. Memory stays at one chunk of rows
-(a few MB), never a whole tensor or shard: a 2-D writer is read twice (column statistics, then
-the edit), every other layout once. The output is written under a temporary name and renamed,
+(1 MB in fp32), never a whole tensor or shard: a 2-D writer is read twice (column statistics, then
+the edit), every other layout once. The chunk math runs on numpy: no torch import, so a process
+per shard starts in a fraction of a second. The output is written under a temporary name and renamed,
 and the input is never written to.
 """
 
@@ -49,34 +50,41 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 def _producer(edits: list[dict], vectors: dict):
     """The chunked producer of one tensor's edited bytes (see ``stages.safetensors_io.patch_copy``)."""
-    import torch
+    import numpy as np
 
     from stages.linalg import apply_columns, apply_rows, column_coefficients, column_stats
-    from stages.safetensors_io import as_rows, compute_dtype, read_rows, row_chunks
+    from stages.safetensors_io import CHUNK_ELEMENTS, RowReader, as_rows, compute_dtype, row_chunks
 
     layout = edits[0]["layout"]
-    u = torch.stack([vectors[e["vector"]] for e in edits], dim=1)  # [hidden, T] fp64
+    u = np.stack([vectors[e["vector"]] for e in edits], axis=1)  # [hidden, T] fp64
 
     def columns(fd: int, info, write) -> None:
         cdt = compute_dtype(info.dtype)
         _, cols = as_rows(info)
-        uc = u.to(cdt)
-        g = torch.zeros((u.shape[1], cols), dtype=torch.float64)  # [T, in]
-        n2 = torch.zeros(cols, dtype=torch.float64)  # [in]
-        for start, end in row_chunks(info):
-            part_g, part_n2 = column_stats(read_rows(fd, info, start, end).to(cdt), uc[start:end])
+        uc = u.astype(cdt)
+        chunks = list(row_chunks(info, CHUNK_ELEMENTS))
+        most = max(end - start for start, end in chunks)
+        reader, scratch = RowReader(fd, info, most), np.empty(most * cols, dtype=cdt)
+        g = np.zeros((u.shape[1], cols))  # [T, in] fp64
+        n2 = np.zeros(cols)  # [in]
+        for start, end in chunks:
+            part_g, part_n2 = column_stats(reader.read(start, end), uc[start:end], scratch)
             g += part_g
             n2 += part_n2
-        a, f = column_coefficients(g, n2, u, [e["scale"] for e in edits], [e["norm_preserve"] for e in edits])
-        for start, end in row_chunks(info):
-            write(apply_columns(read_rows(fd, info, start, end).to(cdt), uc[start:end], a, f), start)
+        b, f = column_coefficients(g, n2, u, [e["scale"] for e in edits], [e["norm_preserve"] for e in edits])
+        finite = bool(np.isfinite(n2).all() and np.isfinite(b).all())  # then no NaN can come out
+        b, f = b.astype(cdt), f.astype(cdt)
+        for start, end in chunks:
+            write(apply_columns(reader.read(start, end), uc[start:end], b, f, scratch), start, finite)
 
     def rows(fd: int, info, write) -> None:
         cdt = compute_dtype(info.dtype)
-        for start, end in row_chunks(info):
-            chunk = read_rows(fd, info, start, end).to(cdt)  # [rows, hidden]
+        chunks = list(row_chunks(info, CHUNK_ELEMENTS))
+        reader = RowReader(fd, info, max(end - start for start, end in chunks))
+        for start, end in chunks:
+            chunk = reader.read(start, end)  # [rows, hidden]
             for t, e in enumerate(edits):
-                chunk = apply_rows(chunk, u[:, t], float(e["scale"]), bool(e["norm_preserve"]))
+                chunk = apply_rows(chunk, u[:, t].astype(cdt), float(e["scale"]), bool(e["norm_preserve"]))
             write(chunk, start)
 
     return columns if layout == "columns" else rows
@@ -84,7 +92,7 @@ def _producer(edits: list[dict], vectors: dict):
 
 def prepare(base: Path, plan: dict, out: Path) -> dict:
     """Check the shard, the plan and the output path; return the producers of the edited tensors."""
-    import torch
+    import numpy as np
 
     from stages.safetensors_io import FLOAT_DTYPES, read_header
 
@@ -99,8 +107,8 @@ def prepare(base: Path, plan: dict, out: Path) -> dict:
     hidden = int(plan["hidden_size"])
     vectors = {}
     for key, values in plan["vectors"].items():
-        vectors[key] = torch.tensor(values, dtype=torch.float64)
-        if vectors[key].numel() != hidden or not bool(torch.isfinite(vectors[key]).all()):
+        vectors[key] = np.asarray(values, dtype=np.float64)
+        if vectors[key].shape != (hidden,) or not bool(np.isfinite(vectors[key]).all()):
             fail(f"plan vector {key} is not {hidden} finite values; rerun `dvc repro plan`")
     grouped: dict[str, list[dict]] = {}
     for edit in plan["edits"]:

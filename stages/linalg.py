@@ -7,14 +7,15 @@ the one removed from a target layer (biprojection by a joint QR against harmless
 magnitude sparsification), :func:`fold_gain` makes it blind to a norm gain that sits between a
 weight and the residual (``u = normalize(g * r)``).
 
-*Edits* come in two layouts, both applied in fp32 (fp64 for fp64 tensors):
+*Edits* come in two layouts, both applied in fp32 (fp64 for fp64 tensors) on numpy chunks, so the
+ablate stage never imports torch (its start-up would cost more than editing a shard):
 
 * ``columns``: a 2-D writer ``W [hidden, in]`` (``o_proj``, ``down_proj``): every column ``w_j``
   is what input unit ``j`` writes into the residual. The plain edit is ``W' = W - s u (u^T W)``;
   the norm-preserving edit is ``W' = P W diag(|w_j| / |P w_j|)`` with ``P = I - s u u^T``.
   The column statistics ``c = u^T W`` and ``|w_j|^2`` are summed over row chunks first
   (:func:`column_stats`), so a tensor never has to be in memory whole; several edits of one
-  tensor compose exactly into ``W' = (W + U A^T) diag(F)`` (:func:`column_coefficients`).
+  tensor compose exactly into ``W' = W diag(F) + U B`` (:func:`column_coefficients`).
 * ``rows``: a tensor whose *last* axis is the residual: fused experts ``[E, in, hidden]``,
   routers ``[E, hidden]`` (readers), embeddings ``[vocab, hidden]``, biases ``[hidden]`` or
   ``[E, hidden]``. Each row ``x`` becomes ``x - s (x.u) u`` (rescaled to ``|x|`` when
@@ -122,79 +123,97 @@ def fold_gain(r, gain):
     return unit(r.to(torch.float64) * gain.to(torch.float64), "gain-folded direction")
 
 
-# --- column edits (2-D writers [hidden, in]), streamed over row chunks ---------------------------
+# --- column edits (2-D writers [hidden, in]), streamed over row chunks (numpy) ------------------
 
 
-def column_stats(chunk, u_chunk):
+def column_stats(chunk, u_chunk, scratch=None):
     """Partial sums over one row chunk: ``G = U^T W`` (``[T, in]``) and ``|w_j|^2`` (``[in]``), fp64.
 
     ``chunk``: rows ``[rows, in]`` of ``W`` (compute dtype); ``u_chunk``: the same rows of the
-    edit vectors, ``[rows, T]`` (compute dtype).
+    edit vectors, ``[rows, T]`` (compute dtype); ``scratch``: an optional buffer of at least the
+    chunk's size. numpy arrays. A chunk holds few rows, so its sums in the compute dtype lose
+    nothing that matters; the running totals over chunks are fp64.
     """
-    import torch
+    import numpy as np
 
-    g = (u_chunk.T @ chunk).to(torch.float64)  # [T, in]
-    n2 = (chunk * chunk).sum(dim=0).to(torch.float64)  # [in]
+    g = (u_chunk.T @ chunk).astype(np.float64)  # [T, in]
+    square = np.multiply(chunk, chunk, out=None if scratch is None else scratch.reshape(-1)[: chunk.size]
+                         .reshape(chunk.shape))
+    n2 = square.sum(axis=0).astype(np.float64)  # [in]
     return g, n2
 
 
 def column_coefficients(g, n2, u, scales: list[float], norm_preserve: list[bool]):
-    """Compose the edits of one tensor into ``W' = (W + U A^T) diag(F)``; returns ``(A, F)``.
+    """Compose the edits of one tensor into ``W' = W diag(F) + U B``; returns ``(B, F)`` (fp64).
 
     ``g = U^T W`` (``[T, in]``) and ``n2 = |w_j|^2`` (``[in]``) from :func:`column_stats`;
     ``u``: ``[hidden, T]`` unit edit vectors (fp64), applied in order with ``scales[t]``.
     Edit ``t`` sees the current columns ``w`` with ``c = u_t^T w``; plain: ``w - s c u_t``;
     norm-preserving: the same times ``|w| / |w - s c u_t|``, where
-    ``|w - s c u|^2 = |w|^2 - (2 s - s^2) c^2`` because ``|u| = 1``.
+    ``|w - s c u|^2 = |w|^2 - (2 s - s^2) c^2`` because ``|u| = 1``. Tracking
+    ``W_t = (W + U A^T) diag(F)`` through the edits gives ``B = (A diag(F))^T`` rows.
     """
-    import torch
+    import numpy as np
 
     t_count, cols = g.shape
     gram = u.T @ u  # [T, T]
-    a = torch.zeros((t_count, cols), dtype=torch.float64)  # [T, in]
-    f_total = torch.ones(cols, dtype=torch.float64)  # [in]
-    cur = n2.clone()  # |w_j|^2 of the current columns
+    a = np.zeros((t_count, cols))  # [T, in]
+    f_total = np.ones(cols)  # [in]
+    cur = n2.copy()  # |w_j|^2 of the current columns
     for t in range(t_count):
         s = float(scales[t])
         c = f_total * (g[t] + gram[t, :t] @ a[:t])  # [in]: u_t^T W_{t-1}
-        pn2 = (cur - (2.0 * s - s * s) * c * c).clamp(min=0.0)
+        pn2 = np.maximum(cur - (2.0 * s - s * s) * c * c, 0.0)
+        f = np.ones(cols)
         if norm_preserve[t]:
             ok = (pn2 > (GUARD * GUARD) * cur) & (cur > 0)
-            f = torch.where(ok, torch.sqrt(cur / torch.where(ok, pn2, torch.ones_like(pn2))), torch.ones_like(cur))
-            cur = torch.where(ok, cur, pn2)
+            f[ok] = np.sqrt(cur[ok] / pn2[ok])
+            cur = np.where(ok, cur, pn2)
         else:
-            f = torch.ones_like(cur)
             cur = pn2
-        safe_f = torch.where(f_total > 0, f_total, torch.ones_like(f_total))
-        a[t] = -s * c / safe_f
+        a[t] = -s * c / np.where(f_total > 0, f_total, 1.0)
         f_total = f_total * f
-    return a, f_total
+    return a * f_total, f_total
 
 
-def apply_columns(chunk, u_chunk, a, f):
-    """One row chunk of ``(W + U A^T) diag(F)``, in the chunk's compute dtype. ``[rows, in]``."""
-    dtype = chunk.dtype
-    return (chunk + u_chunk @ a.to(dtype)) * f.to(dtype)
+def apply_columns(chunk, u_chunk, b, f, scratch=None):
+    """One row chunk of ``W diag(F) + U B``, in place on ``chunk`` (``[rows, in]``); returns it.
+
+    ``scratch``: an optional buffer of at least the chunk's size (no allocation per chunk).
+    """
+    import numpy as np
+
+    chunk *= f
+    tmp = np.empty_like(chunk) if scratch is None else scratch.reshape(-1)[: chunk.size].reshape(chunk.shape)
+    for t in range(b.shape[0]):  # rank-one updates: a broadcast product is much faster than matmul here
+        np.multiply(u_chunk[:, t : t + 1], b[t], out=tmp)
+        chunk += tmp
+    return chunk
 
 
-# --- row edits (residual = last axis), each chunk on its own -------------------------------------
+# --- row edits (residual = last axis), each chunk on its own (numpy) ------------------------------
 
 
 def apply_rows(chunk, u, scale: float, norm_preserve: bool):
-    """Edit every row ``x`` of ``chunk [rows, hidden]``: ``x - s (x.u) u``, optionally back to ``|x|``."""
-    import torch
+    """Edit every row ``x`` of ``chunk [rows, hidden]``: ``x - s (x.u) u``, optionally back to ``|x|``.
 
-    dtype = chunk.dtype
-    uc = u.to(dtype)
-    d = chunk @ uc  # [rows]
-    out = chunk - scale * d[:, None] * uc[None, :]
+    In place on ``chunk``; ``u`` in the chunk's dtype. Returns the chunk.
+    """
+    import numpy as np
+
+    d = chunk @ u  # [rows]
     if norm_preserve:
-        n2 = (chunk * chunk).sum(dim=1).to(torch.float64)  # [rows]
-        pn2 = (n2 - (2.0 * scale - scale * scale) * d.to(torch.float64) ** 2).clamp(min=0.0)
+        n2 = np.einsum("ij,ij->i", chunk, chunk, dtype=np.float64)  # [rows]
+        pn2 = np.maximum(n2 - (2.0 * scale - scale * scale) * d.astype(np.float64) ** 2, 0.0)
         ok = (pn2 > (GUARD * GUARD) * n2) & (n2 > 0)
-        f = torch.where(ok, torch.sqrt(n2 / torch.where(ok, pn2, torch.ones_like(pn2))), torch.ones_like(n2))
-        out = out * f.to(dtype)[:, None]
-    return out
+        f = np.ones_like(n2)
+        f[ok] = np.sqrt(n2[ok] / pn2[ok])
+        f = f.astype(chunk.dtype)
+        chunk -= np.outer(scale * d, u)
+        chunk *= f[:, None]
+    else:
+        chunk -= np.outer(scale * d, u)
+    return chunk
 
 
 # --- dense references (tests, verify) ------------------------------------------------------------

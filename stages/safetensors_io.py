@@ -6,7 +6,8 @@ may hold ``__metadata__``. :func:`patch_copy` writes a copy of a shard in which 
 tensors' byte ranges are recomputed: the header bytes, every offset and ``__metadata__`` stay
 identical, untouched ranges are copied by the kernel (``copy_file_range``, a reflink where the
 file system has them), and an edited tensor is produced chunk by chunk, so memory stays at one
-chunk (not one tensor, not one shard).
+chunk (not one tensor, not one shard). Chunks are numpy arrays (bf16 is decoded and rounded back
+by bit operations), so the ablate stage starts without importing torch.
 """
 
 from __future__ import annotations
@@ -20,16 +21,11 @@ from pathlib import Path
 
 from stages.cliutil import fail
 
-# safetensors dtype name -> (torch dtype name, item size in bytes)
-FLOAT_DTYPES = {"F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2)}
-ITEM_SIZE = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
-    "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F8_E4M3FNUZ": 1,
-    "F8_E5M2FNUZ": 1, "F4": 1, "F6_E2M3": 1, "F6_E3M2": 1,
-}
+# safetensors float dtype -> (numpy storage dtype name, item size); BF16 is stored as raw uint16
+FLOAT_DTYPES = {"F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("uint16", 2)}
 MAX_HEADER = 100 * 1024 * 1024
 COPY_BLOCK = 64 * 1024 * 1024
-CHUNK_ELEMENTS = 4 * 1024 * 1024  # elements per chunk: 16 MB in fp32
+CHUNK_ELEMENTS = 256 * 1024  # elements per chunk: 1 MB in fp32, so each step of an edit stays in cache
 
 
 @dataclass(frozen=True)
@@ -89,19 +85,55 @@ def read_header(path: str | os.PathLike) -> Header:
     return Header(path, data_start, tensors, dict(metadata), size)
 
 
-def torch_dtype(dtype: str):
-    import torch
-
-    if dtype not in FLOAT_DTYPES:
-        raise KeyError(dtype)
-    return getattr(torch, FLOAT_DTYPES[dtype][0])
-
-
 def compute_dtype(dtype: str):
     """Edits run in fp32 (fp64 for fp64 tensors) and are cast back to the stored dtype."""
-    import torch
+    import numpy as np
 
-    return torch.float64 if dtype == "F64" else torch.float32
+    return np.float64 if dtype == "F64" else np.float32
+
+
+def decode(raw, dtype: str, out=None):
+    """Stored values (numpy, storage dtype) -> compute dtype; bf16 is the top half of an fp32.
+
+    ``out``: an optional fp32 buffer of the same size (bf16, fp16) to decode into.
+    """
+    import numpy as np
+
+    if dtype == "BF16":
+        if out is None:
+            out = np.empty(raw.shape, dtype=np.float32)
+        np.left_shift(raw, 16, out=out.view(np.uint32), dtype=np.uint32)
+        return out
+    if dtype == "F16" and out is not None:
+        np.copyto(out, raw, casting="unsafe")
+        return out
+    return raw.astype(compute_dtype(dtype), copy=False)
+
+
+def encode(values, dtype: str, scratch=None, out=None, finite: bool = False):
+    """Compute-dtype values -> storage dtype (numpy); bf16 rounds to nearest even, as torch does.
+
+    ``scratch`` (uint32) and ``out`` (uint16): optional buffers of at least the same size, so
+    nothing is allocated; ``finite``: the caller knows there is no NaN (skips that check).
+    """
+    import numpy as np
+
+    if dtype != "BF16":
+        return values.astype(FLOAT_DTYPES[dtype][0], copy=False)
+    values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    bits = values.view(np.uint32)
+    tmp = np.empty(bits.shape, dtype=np.uint32) if scratch is None else scratch.reshape(-1)[: bits.size]
+    np.right_shift(bits, 16, out=tmp)
+    np.bitwise_and(tmp, 1, out=tmp)
+    np.add(tmp, bits, out=tmp)
+    np.add(tmp, 0x7FFF, out=tmp)  # + 0x7FFF + lowest kept bit: round to nearest, ties to even
+    out = np.empty(bits.shape, dtype=np.uint16) if out is None else out.reshape(-1)[: bits.size]
+    np.copyto(out, tmp.view(np.uint16)[1::2])  # the high halves (little-endian)
+    if not finite:
+        nan = np.isnan(values)
+        if nan.any():
+            out[nan] = 0x7FC0
+    return out
 
 
 def as_rows(info: TensorInfo) -> tuple[int, int]:
@@ -120,17 +152,35 @@ def row_chunks(info: TensorInfo, chunk_elements: int = CHUNK_ELEMENTS) -> Iterat
         yield start, min(rows, start + step)
 
 
-def read_rows(fd: int, info: TensorInfo, start: int, end: int):
-    """Rows ``[start, end)`` of the 2-D view, as a fresh writable tensor of the stored dtype."""
-    import torch
+class RowReader:
+    """Reads row chunks of one tensor into reused buffers and decodes them to the compute dtype."""
 
-    _, cols = as_rows(info)
-    item = FLOAT_DTYPES[info.dtype][1]
-    offset = info.begin + start * cols * item
-    count = (end - start) * cols * item
-    buf = bytearray(count)
-    read_into(fd, memoryview(buf), offset, info.name)
-    return torch.frombuffer(buf, dtype=torch_dtype(info.dtype)).view(end - start, cols)
+    def __init__(self, fd: int, info: TensorInfo, max_rows: int):
+        import numpy as np
+
+        self.fd, self.info = fd, info
+        _, self.cols = as_rows(info)
+        self.storage = np.dtype(FLOAT_DTYPES[info.dtype][0])
+        size = max(1, max_rows) * self.cols
+        self.buf = np.empty(size, dtype=self.storage)
+        self.values = np.empty(size, dtype=np.float32) if info.dtype in ("BF16", "F16") else None
+
+    def read(self, start: int, end: int):
+        """Rows ``[start, end)`` as a ``[rows, cols]`` array of the compute dtype.
+
+        The array lives in the reader's buffers: use it (edit it in place) before the next read.
+        """
+        count = (end - start) * self.cols
+        raw = self.buf[:count]
+        read_into(self.fd, memoryview(raw).cast("B"), self.info.begin + start * self.cols * self.storage.itemsize,
+                  self.info.name)
+        out = None if self.values is None else self.values[:count]
+        return decode(raw, self.info.dtype, out).reshape(end - start, self.cols)
+
+
+def read_rows(fd: int, info: TensorInfo, start: int, end: int):
+    """Rows ``[start, end)`` of the 2-D view of a float tensor, in the compute dtype (a new array)."""
+    return RowReader(fd, info, end - start).read(start, end).copy()
 
 
 def read_into(fd: int, view: memoryview, offset: int, what: str = "a tensor") -> None:
@@ -146,13 +196,6 @@ def read_into(fd: int, view: memoryview, offset: int, what: str = "a tensor") ->
         if n <= 0:
             fail(f"unexpected end of file while reading {what}; the shard is truncated, re-download it")
         got += n
-
-
-def tensor_bytes(tensor) -> memoryview:
-    """The raw little-endian bytes of a contiguous tensor (any dtype, incl. bfloat16)."""
-    import torch
-
-    return memoryview(tensor.contiguous().view(torch.uint8).numpy()).cast("B")
 
 
 def write_at(fd: int, data, offset: int) -> None:
@@ -181,7 +224,7 @@ def copy_range(src: int, dst: int, offset: int, count: int) -> None:
         done += n
 
 
-# A producer gets (input fd, tensor info, write(chunk_tensor, first_row)) and writes every row.
+# A producer gets (input fd, tensor info, write(chunk, first_row, finite=False)) and writes every row.
 Producer = Callable[[int, TensorInfo, Callable], None]
 
 
@@ -190,43 +233,61 @@ def patch_copy(src_path: str | os.PathLike, dst_path: str | os.PathLike, produce
     """Write ``dst_path`` = ``src_path`` with the tensors in ``producers`` recomputed in place.
 
     Every byte outside the produced tensors is copied verbatim (header, offsets, metadata,
-    padding); each producer must write its tensor's rows through the ``write`` callback it gets.
+    padding); the copies and the edited tensors run in a few threads, all writing at fixed
+    offsets. Each producer writes its tensor's rows through the ``write`` callback it gets.
     ``progress(n)`` is called with the number of bytes done after each step.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     header = read_header(src_path)
     edited = sorted((header.tensors[name] for name in producers), key=lambda info: info.begin)
+    gaps, pos = [], 0
+    for info in edited:
+        if info.begin > pos:
+            gaps.append((pos, info.begin - pos))
+        pos = info.end
+    if header.size > pos:
+        gaps.append((pos, header.size - pos))
     src = os.open(src_path, os.O_RDONLY)
     try:
         dst = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            pos = 0
-            for info in edited:
-                if info.begin > pos:
-                    copy_range(src, dst, pos, info.begin - pos)
-                    if progress:
-                        progress(info.begin - pos)
-                _produce(src, dst, info, producers[info.name])
-                if progress:
-                    progress(info.nbytes)
-                pos = info.end
-            if header.size > pos:
-                copy_range(src, dst, pos, header.size - pos)
-                if progress:
-                    progress(header.size - pos)
             os.ftruncate(dst, header.size)
+            with ThreadPoolExecutor(max_workers=workers()) as pool:
+                jobs = [(pool.submit(copy_range, src, dst, offset, count), count) for offset, count in gaps]
+                jobs += [(pool.submit(_produce, src, dst, info, producers[info.name]), info.nbytes) for info in edited]
+                for job, count in jobs:
+                    job.result()
+                    if progress:
+                        progress(count)
         finally:
             os.close(dst)
     finally:
         os.close(src)
 
 
+def workers() -> int:
+    """Threads for one shard: the kernel copies and the edited tensors run side by side (numpy and
+    ``copy_file_range`` release the GIL). ``ABLITERATE_THREADS`` sets the number."""
+    value = os.environ.get("ABLITERATE_THREADS", "")
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    return max(2, min(8, os.cpu_count() or 2))
+
+
 def _produce(src: int, dst: int, info: TensorInfo, producer: Producer) -> None:
+    import numpy as np
+
     _, cols = as_rows(info)
     item = FLOAT_DTYPES[info.dtype][1]
     written = [0]
+    buffers: list = []
 
-    def write(chunk, first_row: int) -> None:
-        data = tensor_bytes(chunk.to(torch_dtype(info.dtype)))
+    def write(chunk, first_row: int, finite: bool = False) -> None:
+        if info.dtype == "BF16" and (not buffers or buffers[0].size < chunk.size):
+            buffers[:] = [np.empty(chunk.size, dtype=np.uint32), np.empty(chunk.size, dtype=np.uint16)]
+        data = encode(chunk, info.dtype, *buffers, finite=finite) if buffers else encode(chunk, info.dtype)
+        data = memoryview(data).cast("B")
         offset = info.begin + first_row * cols * item
         if offset < info.begin or offset + len(data) > info.end:
             raise ValueError(f"write outside tensor {info.name}")

@@ -49,54 +49,52 @@ def _same_bytes(fd_a: int, fd_b: int, begin: int, end: int) -> bool:
 
 
 def edited_metrics(fd_base: int, fd_abl: int, info, edits: list[dict], vectors: dict, gain) -> tuple[float, float]:
-    """``(max relative component along r, max relative norm drift)`` of one edited tensor."""
-    import torch
+    """``(max relative component along r, max relative norm drift)`` of one edited tensor (fp64)."""
+    import numpy as np
 
     from stages.safetensors_io import read_rows, row_chunks
 
     last = edits[-1]
-    r = vectors[last["direction"]]
-    u, s = vectors[last["vector"]], float(last["scale"])
-    g = gain if gain is not None else torch.ones_like(r)
+    r, u, s = vectors[last["direction"]], vectors[last["vector"]], float(last["scale"])
+    g = gain if gain is not None else np.ones_like(r)
     gr = g * r
     comp, drift = 0.0, 0.0
     if last["layout"] == "columns":  # [hidden, in]: columns are the writes
         cols = info.shape[1]
-        num, den, na, nb, ub = (torch.zeros(cols, dtype=torch.float64) for _ in range(5))
+        num, den, na, nb, ub = (np.zeros(cols) for _ in range(5))
         for a, b in row_chunks(info):
-            new = read_rows(fd_abl, info, a, b).double()
-            old = read_rows(fd_base, info, a, b).double()
+            new = read_rows(fd_abl, info, a, b).astype(np.float64)
+            old = read_rows(fd_base, info, a, b).astype(np.float64)
             num += gr[a:b] @ new
             den += ((g[a:b, None] * new) ** 2).sum(0)
             na += (new**2).sum(0)
             nb += (old**2).sum(0)
             ub += u[a:b] @ old
         live = den > 0
-        comp = float((num.abs()[live] / den[live].sqrt()).max()) if bool(live.any()) else 0.0
-        kept = (nb > 0) & (1 - (2 * s - s * s) * ub**2 / nb.clamp_min(1e-300) > 1e-6)
-        if bool(kept.any()):
-            drift = float(((na.sqrt() - nb.sqrt()).abs()[kept] / nb.sqrt()[kept]).max())
+        comp = float((np.abs(num[live]) / np.sqrt(den[live])).max()) if live.any() else 0.0
+        kept = (nb > 0) & (1 - (2 * s - s * s) * ub**2 / np.maximum(nb, 1e-300) > 1e-6)
+        if kept.any():
+            drift = float((np.abs(np.sqrt(na) - np.sqrt(nb))[kept] / np.sqrt(nb[kept])).max())
         return comp, drift
     reader = last["role"] == "router"
     for a, b in row_chunks(info):
-        new = read_rows(fd_abl, info, a, b).double()  # [rows, hidden]
-        old = read_rows(fd_base, info, a, b).double()
-        dots = (new @ gr).abs()
-        scale = new.norm(dim=1) * gr.norm() if reader else (new * g).norm(dim=1)
+        new = read_rows(fd_abl, info, a, b).astype(np.float64)  # [rows, hidden]
+        old = read_rows(fd_base, info, a, b).astype(np.float64)
+        dots = np.abs(new @ gr)
+        scale = np.linalg.norm(new, axis=1) * np.linalg.norm(gr) if reader else np.linalg.norm(new * g, axis=1)
         live = scale > 0
-        if bool(live.any()):
+        if live.any():
             comp = max(comp, float((dots[live] / scale[live]).max()))
-        nb, na = old.norm(dim=1), new.norm(dim=1)
-        kept = (nb > 0) & (1 - (2 * s - s * s) * (old @ u) ** 2 / (nb**2).clamp_min(1e-300) > 1e-6)
-        if bool(kept.any()):
-            drift = max(drift, float(((na - nb).abs()[kept] / nb[kept]).max()))
+        nb, na = np.linalg.norm(old, axis=1), np.linalg.norm(new, axis=1)
+        kept = (nb > 0) & (1 - (2 * s - s * s) * (old @ u) ** 2 / np.maximum(nb**2, 1e-300) > 1e-6)
+        if kept.any():
+            drift = max(drift, float((np.abs(na - nb)[kept] / nb[kept]).max()))
     return comp, drift
 
 
 def verify(base: Path, ablated: Path, tolerance: float = 0.0) -> tuple[list[list[str]], bool]:
     """Run every check; returns the table rows and whether all checks passed."""
-    import torch
-    from safetensors import safe_open
+    import numpy as np
 
     from stages.finalize import PROVENANCE, sha256_file
     from stages.modelio import check_model_dir, weight_map
@@ -117,7 +115,7 @@ def verify(base: Path, ablated: Path, tolerance: float = 0.0) -> tuple[list[list
     edits: dict[str, list[dict]] = {}
     vectors: dict[str, dict] = {}
     for doc in prov["plan"].values():
-        table = {k: torch.tensor(v, dtype=torch.float64) for k, v in doc["vectors"].items()}
+        table = {k: np.asarray(v, dtype=np.float64) for k, v in doc["vectors"].items()}
         for edit in doc["edits"]:
             edits.setdefault(edit["tensor"], []).append(edit)
             vectors[edit["tensor"]] = table
@@ -139,8 +137,7 @@ def verify(base: Path, ablated: Path, tolerance: float = 0.0) -> tuple[list[list
                 gname = tensor_edits[-1].get("gain")
                 gain = None
                 if gname:
-                    with safe_open(str(Path(ablated) / names[gname]), framework="pt") as handle:
-                        gain = handle.get_tensor(gname).double().flatten() + float(tensor_edits[-1]["gain_offset"])
+                    gain = _vector(Path(ablated) / names[gname], gname) + float(tensor_edits[-1]["gain_offset"])
                 comp, drift = edited_metrics(fd_b, fd_a, info, tensor_edits, vectors[name], gain)
                 tol = tolerance_for(info.dtype, hidden, tolerance)
                 check_comp = float(tensor_edits[-1]["scale"]) == 1.0
@@ -168,6 +165,20 @@ def verify(base: Path, ablated: Path, tolerance: float = 0.0) -> tuple[list[list
         rows.append([label, comp, drift, _ok(e["ok"])])
     passed = all(row[-1] == "ok" for row in rows)
     return rows, passed
+
+
+def _vector(path: Path, name: str):
+    """A 1-D tensor (a norm weight) as fp64 numpy, any float dtype including bf16."""
+    import numpy as np
+
+    from stages.safetensors_io import read_header, read_rows
+
+    info = read_header(path).tensors[name]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return read_rows(fd, info, 0, 1).astype(np.float64).reshape(-1)
+    finally:
+        os.close(fd)
 
 
 def _ok(flag: bool) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +19,7 @@ ALL = "attention,mlp,experts,shared-experts,router"
 def _tensor(path, info):
     fd = os.open(path, os.O_RDONLY)
     try:
-        return torch.cat([read_rows(fd, info, a, b) for a, b in row_chunks(info)]).double()
+        return torch.from_numpy(np.concatenate([read_rows(fd, info, a, b) for a, b in row_chunks(info)])).double()
     finally:
         os.close(fd)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,17 +19,25 @@ def _unit(n: int, seed: int) -> torch.Tensor:
 
 
 def _streamed_columns(w: torch.Tensor, us: list, scales: list, nps: list, chunk: int = 7) -> torch.Tensor:
-    """Apply edits to W [hidden, in] the way ablate does: stats over row chunks, then apply."""
-    u = torch.stack(us, dim=1)
-    g = torch.zeros((len(us), w.shape[1]), dtype=torch.float64)
-    n2 = torch.zeros(w.shape[1], dtype=torch.float64)
-    for a in range(0, w.shape[0], chunk):
-        pg, pn = column_stats(w[a:a + chunk], u[a:a + chunk].to(w.dtype))
+    """Apply edits to W [hidden, in] the way ablate does: stats over row chunks, then apply (numpy)."""
+    wn = w.numpy().copy()
+    u = torch.stack(us, dim=1).numpy()  # [hidden, T] fp64
+    uc = u.astype(wn.dtype)
+    g = np.zeros((len(us), wn.shape[1]))
+    n2 = np.zeros(wn.shape[1])
+    for a in range(0, wn.shape[0], chunk):
+        pg, pn = column_stats(wn[a:a + chunk], uc[a:a + chunk])
         g += pg
         n2 += pn
-    a_, f = column_coefficients(g, n2, u, scales, nps)
-    return torch.cat([apply_columns(w[a:a + chunk], u[a:a + chunk].to(w.dtype), a_, f)
-                      for a in range(0, w.shape[0], chunk)])
+    b, f = column_coefficients(g, n2, u, scales, nps)
+    b, f = b.astype(wn.dtype), f.astype(wn.dtype)
+    parts = [apply_columns(wn[a:a + chunk].copy(), uc[a:a + chunk], b, f) for a in range(0, wn.shape[0], chunk)]
+    return torch.from_numpy(np.concatenate(parts))
+
+
+def _rows(x: torch.Tensor, u: torch.Tensor, scale: float, norm_preserve: bool) -> torch.Tensor:
+    xn = x.numpy().copy()
+    return torch.from_numpy(apply_rows(xn, u.numpy().astype(xn.dtype), scale, norm_preserve))
 
 
 @pytest.mark.parametrize("norm_preserve", [True, False])
@@ -49,7 +58,7 @@ def test_scale_zero_is_the_identity_bit_for_bit():
     w = torch.randn(64, 40)
     u = _unit(64, 2)
     assert torch.equal(_streamed_columns(w, [u], [0.0], [True]), w)
-    assert torch.equal(apply_rows(w.T.contiguous(), u, 0.0, True), w.T)
+    assert torch.equal(_rows(w.T.contiguous(), u, 0.0, True), w.T)
 
 
 def test_negative_scale_adds_the_direction_back():
@@ -88,7 +97,7 @@ def test_a_column_parallel_to_the_direction_is_guarded():
 def test_rows_edit_each_row_in_the_residual_space(norm_preserve):
     x = torch.randn(20, 64, dtype=torch.float32)
     u = _unit(64, 8)
-    out = apply_rows(x, u, 1.0, norm_preserve).double()
+    out = _rows(x, u, 1.0, norm_preserve).double()
     assert (out @ u).abs().max() / out.norm(dim=1).min() < 1e-6
     if norm_preserve:
         assert torch.allclose(out.norm(dim=1), x.double().norm(dim=1), rtol=1e-6)

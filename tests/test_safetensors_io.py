@@ -6,6 +6,7 @@ import json
 import os
 import struct
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -50,7 +51,7 @@ def test_row_chunks_read_back_the_tensor(shard, name):
         os.close(fd)
     assert len(parts) > 1 or info.numel <= 100
     expected = tensors[name].reshape(-1, tensors[name].shape[-1])
-    assert torch.equal(torch.cat(parts), expected)
+    assert torch.equal(torch.from_numpy(np.concatenate(parts)), expected.float())
 
 
 def test_patch_copy_without_producers_is_a_byte_copy(shard, tmp_path):
@@ -66,7 +67,7 @@ def test_patch_copy_rewrites_only_the_produced_range(shard, tmp_path, monkeypatc
 
     def negate(fd, info, write):
         for a, b in sio.row_chunks(info, chunk_elements=64):
-            write(-sio.read_rows(fd, info, a, b).float(), a)
+            write(-sio.read_rows(fd, info, a, b), a)
 
     out = tmp_path / "patched.safetensors"
     sio.patch_copy(path, out, {"b.bf16": negate})
@@ -78,6 +79,15 @@ def test_patch_copy_rewrites_only_the_produced_range(shard, tmp_path, monkeypatc
         assert handle.metadata() == {"format": "pt", "note": "kept"}
         assert torch.equal(handle.get_tensor("b.bf16"), -tensors["b.bf16"])
         assert torch.equal(handle.get_tensor("a.weight"), tensors["a.weight"])
+
+
+def test_bf16_rounding_matches_torch():
+    values = torch.randn(4096, dtype=torch.float32) * torch.logspace(-30, 30, 4096)
+    values[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])
+    ours = sio.encode(values.numpy(), "BF16")
+    theirs = values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(ours[1:], theirs[1:]) and np.isnan(sio.decode(ours[:1], "BF16")).all()
+    assert np.array_equal(sio.decode(theirs, "BF16"), values.to(torch.bfloat16).float().numpy(), equal_nan=True)
 
 
 def test_kernel_copy_failure_falls_back_to_read_write(shard, tmp_path, monkeypatch):

@@ -1,0 +1,182 @@
+"""Benchmark of the ablate stage: shard editing vs a plain copy of the same files, peak memory.
+
+Builds a random bf16 Llama-shaped model (hidden 4096, MLP 14336, 3 layers per shard, so every
+shard is about 1.3 GB, like real 2-5 GB checkpoints), plans the removal of a direction from every
+layer (attention and MLP writers: about a third of each shard's bytes), then measures in one run:
+
+* ``cp`` of every shard file into an empty folder, wall time;
+* ``python -m stages.ablate`` on every shard, one process each, wall time incl. process start;
+* the CPU time (user + system) of both, less sensitive to a busy machine than wall time;
+* the peak RSS of each ablate process (measured from a small parent) against the largest shard.
+
+Copies and ablations alternate shard by shard for ``--repeat`` rounds (best of each kept), so both
+see the same machine load. Targets: ablate time at most 2x the copy, peak RSS below half of the
+largest shard.
+
+    python bench/ablate.py [--shards 4] [--layers-per-shard 3] [--repeat 2] [--dir DIR] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HIDDEN, MLP, KV, VOCAB = 4096, 14336, 1024, 32000
+
+
+def build_model(folder: Path, shards: int, per_shard: int) -> dict[str, str]:
+    """Random bf16 weights in ``shards`` files; returns the shard table {key: file}."""
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    layers = shards * per_shard
+    weight_map, table = {}, {}
+
+    def rand(*shape):
+        return (torch.randn(*shape) * 0.02).to(torch.bfloat16)
+
+    for s in range(shards):
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        tensors = {}
+        if s == 0:
+            tensors["model.embed_tokens.weight"] = rand(VOCAB, HIDDEN)
+        for k in range(s * per_shard, (s + 1) * per_shard):
+            p = f"model.layers.{k}."
+            tensors.update({
+                p + "self_attn.q_proj.weight": rand(HIDDEN, HIDDEN), p + "self_attn.k_proj.weight": rand(KV, HIDDEN),
+                p + "self_attn.v_proj.weight": rand(KV, HIDDEN), p + "self_attn.o_proj.weight": rand(HIDDEN, HIDDEN),
+                p + "mlp.gate_proj.weight": rand(MLP, HIDDEN), p + "mlp.up_proj.weight": rand(MLP, HIDDEN),
+                p + "mlp.down_proj.weight": rand(HIDDEN, MLP),
+                p + "input_layernorm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16),
+                p + "post_attention_layernorm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16),
+            })
+        if s == shards - 1:
+            tensors["model.norm.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
+            tensors["lm_head.weight"] = rand(VOCAB, HIDDEN)
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({t: name for t in tensors})
+        table[f"{s + 1:05d}"] = name
+        del tensors
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+              "intermediate_size": MLP, "num_hidden_layers": layers, "num_attention_heads": 32,
+              "num_key_value_heads": 8, "vocab_size": VOCAB, "tie_word_embeddings": False, "dtype": "bfloat16"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return table
+
+
+def write_inputs(root: Path, layers: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(1)
+    tensors = {}
+    for i in range(layers + 1):
+        harmless = torch.randn(HIDDEN, generator=gen)
+        direction = torch.randn(HIDDEN, generator=gen)
+        tensors.update({f"harmless_mean.{i}": harmless, f"harmful_mean.{i}": harmless + direction,
+                        f"direction.{i}": direction, f"unit.{i}": direction / direction.norm()})
+    save_file(tensors, str(root / "directions.safetensors"),
+              metadata={"num_layers": str(layers), "hidden_size": str(HIDDEN), "num_indices": str(layers + 1)})
+
+
+# Runs a command and prints its peak RSS: measured from a small parent, since a child forked from
+# this (large) process would report this process's memory as its own peak.
+WRAP = ("import resource, subprocess, sys\n"
+        "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)\n"
+        "sys.stderr.buffer.write(r.stderr)\n"
+        "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+        "print(u.ru_utime + u.ru_stime, u.ru_maxrss)\n"
+        "sys.exit(r.returncode)\n")
+
+
+def timed(cmd: list[str], env: dict) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds (user + system) and peak RSS (bytes) of one command."""
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-S", "-c", WRAP, *cmd], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stderr}")
+    cpu, rss = result.stdout.split()[-2:]
+    return wall, float(cpu), int(rss) * 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/abliterate-bench"))
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--layers-per-shard", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=2, help="rounds of cp/ablate per shard; the best is kept")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    args = parser.parse_args()
+    root = args.dir
+    shutil.rmtree(root, ignore_errors=True)
+    try:
+        run(root, args.shards, args.layers_per_shard, args.repeat)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def run(root: Path, shards: int, per_shard: int, repeat: int) -> None:
+    import yaml
+
+    from stages.plan import plan
+
+    layers = shards * per_shard
+    t0 = time.perf_counter()
+    table = build_model(root / "base", shards, per_shard)
+    (root / "model.yaml").write_text(yaml.safe_dump({"shards": table}))
+    write_inputs(root, layers)
+    print(f"built {shards} shards ({layers} layers) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    t0 = time.perf_counter()
+    plan(root / "base", root / "model.yaml", root / "directions.safetensors", None, root / "plan",
+         layers=f"0-{layers - 1}", measurement=str(layers // 2), targets="attention,mlp")
+    plan_s = time.perf_counter() - t0
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    sizes = {k: (root / "base" / f).stat().st_size for k, f in table.items()}
+    (root / "copy").mkdir()
+    (root / "model").mkdir()
+    cp: dict[str, tuple[float, float]] = {}
+    ablated: dict[str, tuple[float, float, int]] = {}
+    for _ in range(repeat):  # interleaved, so both see the same machine load; best of each kept
+        for key, name in table.items():
+            for target in (root / "copy" / name, root / "model" / name):
+                target.unlink(missing_ok=True)
+            wall, cpu, _ = timed(["cp", str(root / "base" / name), str(root / "copy" / name)], env)
+            old = cp.get(key, (wall, cpu))
+            cp[key] = (min(old[0], wall), min(old[1], cpu))
+            wall, cpu, rss = timed([sys.executable, "-m", "stages.ablate", "--base", str(root / "base" / name),
+                                    "--plan", str(root / "plan" / f"{key}.json"), "--out", str(root / "model" / name)],
+                                   env)
+            old = ablated.get(key, (wall, cpu, rss))
+            ablated[key] = (min(old[0], wall), min(old[1], cpu), max(old[2], rss))
+    edited = {k: len(json.loads((root / "plan" / f"{k}.json").read_text())["edits"]) for k in table}
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"plan: {plan_s:.1f} s for {sum(edited.values())} tensors; {os.cpu_count()} CPUs, load average {load:.1f}\n")
+    print("| shard | GB | edited | cp wall s | ablate wall s | wall ratio | cp CPU s | ablate CPU s | CPU ratio "
+          "| peak RSS GB | RSS / shard |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for key in table:
+        wall, cpu, rss = ablated[key]
+        print(f"| {key} | {sizes[key] / 1e9:.2f} | {edited[key]} | {cp[key][0]:.2f} | {wall:.2f} | {wall / cp[key][0]:.2f} "
+              f"| {cp[key][1]:.2f} | {cpu:.2f} | {cpu / max(cp[key][1], 1e-3):.2f} | {rss / 1e9:.2f} "
+              f"| {rss / sizes[key]:.2f} |")
+    total_cp, total_ab = sum(c[0] for c in cp.values()), sum(a[0] for a in ablated.values())
+    cpu_cp, cpu_ab = sum(c[1] for c in cp.values()), sum(a[1] for a in ablated.values())
+    peak, largest = max(a[2] for a in ablated.values()), max(sizes.values())
+    print(f"\ntotal wall: ablate {total_ab:.1f} s vs cp {total_cp:.1f} s -> ratio {total_ab / total_cp:.2f} (target <= 2)")
+    print(f"total CPU: ablate {cpu_ab:.1f} s vs cp {cpu_cp:.1f} s -> ratio {cpu_ab / max(cpu_cp, 1e-3):.2f}")
+    print(f"peak RSS {peak / 1e9:.2f} GB vs largest shard {largest / 1e9:.2f} GB -> {peak / largest:.2f} (target < 0.5)")
+
+
+if __name__ == "__main__":
+    main()
