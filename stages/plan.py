@@ -24,6 +24,8 @@ Entries replace the defaults of their layer (several entries for one layer are a
 order) and add layers not in ``--layers``. DVC cannot put a list of dicts on a command line, so
 the pipeline points this at ``params.yaml:ablate.overrides``; llm-abliteration users can point it
 at their own config (``--overrides-from mycfg.yml:ablate``). ``scale = 0`` edits are dropped.
+Embeddings tied to the output head (``tie_word_embeddings``) are refused as a target: editing
+them would change every output logit as well.
 """
 
 from __future__ import annotations
@@ -282,7 +284,9 @@ def main(
     directions: Annotated[Path, typer.Option(help="directions.safetensors written by reduce.")],
     out: Annotated[Path, typer.Option(help="Output folder: one <shard key>.json per shard.")],
     scores: Annotated[Path, typer.Option(help="metrics/layers.json (for auto layers/measurement).")] = None,
-    layers: Annotated[str, typer.Option(help="auto | 8-20 | 3,5,8-12 | 12 (decoder layers).")] = "auto",
+    layers: Annotated[str, typer.Option(help="auto | 8-20 | 3,5,8-12 | 12 (decoder layers, ranges inclusive); "
+                                        "auto: every layer touching the run of residual indices around the best "
+                                        "one with quality >= auto-fraction x best.")] = "auto",
     measurement: Annotated[str, typer.Option(help="auto (best scored) or a residual index 0..L.")] = "auto",
     scale: Annotated[float, typer.Option(help="1 removes, 0 keeps, negative adds the direction back.")] = 1.0,
     norm_preserve: Annotated[str, typer.Option(help="true: keep every written column's norm.")] = "true",
@@ -290,9 +294,13 @@ def main(
     sparsity: Annotated[float, typer.Option(help="Fraction of the smallest direction components zeroed.")] = 0.0,
     targets: Annotated[str, typer.Option(help=f"Comma list of {', '.join(ROLES)}.")] = "attention,mlp,experts,shared-experts",
     auto_fraction: Annotated[float, typer.Option(help="layers auto: quality >= this fraction of the best.")] = 0.5,
-    overrides_from: Annotated[str, typer.Option(help="FILE:KEY of a YAML list {layer, measurement, scale, sparsity}.")] = "",
+    overrides_from: Annotated[str, typer.Option(help="FILE:KEY (dotted key) of a YAML list in llm-abliteration's "
+                                                "shape - {layer, measurement, scale, sparsity} (defaults: "
+                                                "--measurement, 1.0, 0.0); entries replace their layer's defaults "
+                                                "and add layers. E.g. params.yaml:ablate.overrides or "
+                                                "mycfg.yml:ablate.")] = "",
 ) -> None:
-    """Decide every tensor edit, one deterministic JSON per shard (see the module docstring)."""
+    """Decide every tensor edit, one deterministic JSON per shard (an empty edit list for untouched shards)."""
     plan(model, shards, directions, scores, out, layers=layers, measurement=measurement, scale=scale,
          norm_preserve=parse_bool(norm_preserve, "--norm-preserve"), projected=parse_bool(projected, "--projected"),
          sparsity=sparsity, targets=targets, auto_fraction=auto_fraction, overrides_from=overrides_from)
