@@ -113,6 +113,17 @@ def test_finalize_writes_its_two_files_byte_stably(ablated, tmp_path):
     assert "| decoder layers edited | 1 (1 of 2) |" in card and "| targets | experts |" in card
 
 
+def test_finalize_refuses_the_base_folder_and_a_missing_plan(ablated, tmp_path):
+    from stages.cliutil import UserError
+
+    root, base, _ = ablated
+    with pytest.raises(UserError, match="is the base model folder"):
+        finalize(base, root / "plan", root / "directions.safetensors", base)
+    with pytest.raises(UserError, match="run `dvc repro plan` first"):
+        finalize(base, tmp_path / "no-plan", root / "directions.safetensors", tmp_path / "out")
+    assert not (base / "abliteration.json").exists() and not (tmp_path / "out").exists()
+
+
 # --- DVC ---------------------------------------------------------------------------------------
 
 
