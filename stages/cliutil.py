@@ -90,7 +90,7 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
     exits = _exception_classes("Exit")
 
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except UserError as exc:
         _die(str(exc))
     except aborts:
@@ -102,6 +102,9 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
         _die("interrupted", code=130)
     except exits as exc:
         sys.exit(exc.exit_code)
+    # Without standalone mode, click returns the code of a ``typer.Exit(code)`` instead of exiting.
+    if isinstance(code, int) and code != 0:
+        sys.exit(code)
 
 
 def _die(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
