@@ -179,7 +179,8 @@ def materialize(source: str, out: Path, max_shard_size: str = "100MB", demo_prom
             else:
                 folder = fetch_hub(value) if kind == "hub" else Path(value)
                 used = link_tree(folder, tmp)
-                log.print(f"base: {sum(used.values())} files from {folder} ({', '.join(f'{n} by {m}' for m, n in sorted(used.items()))})")
+                how = ", ".join(f"{count} by {method}" for method, count in sorted(used.items()))
+                log.print(f"base: {sum(used.values())} files from {folder} ({how})")
             check_model_dir(tmp)
         except UserError as exc:
             raise UserError(str(exc).replace(str(tmp), f"the model built from {source}")) from None
@@ -189,7 +190,8 @@ def materialize(source: str, out: Path, max_shard_size: str = "100MB", demo_prom
 
 @app.command()
 def main(
-    source: Annotated[str, typer.Option(help="demo, a model folder, a .gguf file, or a hub id org/name[@revision].")],
+    source: Annotated[str, typer.Option(
+        help="demo, a model folder, a .gguf file, or a hub id org/name (optionally org/name@revision).")],
     out: Annotated[Path, typer.Option(help="Output model folder (models/base).")] = Path("models/base"),
     max_shard_size: Annotated[str, typer.Option(help="Largest shard written when converting (GGUF, demo).")] = "100MB",
     demo_prompts: Annotated[Path, typer.Option(help="Folder of the demo's tuning prompts.")] = Path("prompts/demo"),

@@ -249,12 +249,14 @@ def capture(model_dir: Path, prompts: str, out: Path, batch_size: int = 32, dtyp
 @app.command()
 def main(
     model: Annotated[Path, typer.Option(help="Hugging Face model folder (models/base).")],
-    prompts: Annotated[str, typer.Option(help="Prompt file (.txt/.jsonl/.json/.parquet/.csv) or hf:NAME[:split][:column].")],
+    prompts: Annotated[str, typer.Option(
+        help="Prompt file (.txt/.jsonl/.json/.parquet/.csv) or hf:NAME, hf:NAME:split, hf:NAME:split:column.")],
     out: Annotated[Path, typer.Option(help="Output parquet file.")],
     batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 32,
     dtype: Annotated[str, typer.Option(help="Compute dtype: float32, bfloat16, float16 or auto.")] = "float32",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 or mps.")] = "auto",
-    positions: Annotated[str, typer.Option(help="Comma-separated negative offsets from the prompt end (-1 = last token).")] = "-1",
+    positions: Annotated[str, typer.Option(
+        help="Comma-separated negative offsets from the prompt end (-1 = last token).")] = "-1",
     system_prompt: Annotated[str, typer.Option(help="System prompt rendered before each prompt ('' = none).")] = "",
     chat_template: Annotated[str, typer.Option(help="Jinja template file for models without one ('' = the tokenizer's).")] = "",
 ) -> None:

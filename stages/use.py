@@ -223,7 +223,8 @@ def use(source: str, root: Path | None = None, max_shard_size: str | None = None
 
 @app.command()
 def main(
-    source: Annotated[str, typer.Argument(help="A model folder, a .gguf file, a hub id org/name[@revision], or demo.")],
+    source: Annotated[str, typer.Argument(
+        help="A model folder, a .gguf file, a hub id org/name (optionally org/name@revision), or demo.")],
     max_shard_size: Annotated[str, typer.Option(help="Also set model.max-shard-size (converted models).")] = "",
     repo: Annotated[Path, typer.Option(help="The pipeline's repository (default: found from here upwards).")] = Path("."),
 ) -> None:
