@@ -118,8 +118,11 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "auto"):
 
 def decoder_layers(model):
     """The model's list of decoder layers (``model.model.layers`` for every supported family)."""
-    inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    layers = getattr(inner, "layers", None)
+    candidates = [model.get_decoder()] if hasattr(model, "get_decoder") else []
+    inner = getattr(model, "model", None)
+    # Llama4ForCausalLM.get_decoder() returns the model itself; multimodal models nest the text model
+    candidates += [inner, getattr(inner, "language_model", None)]
+    layers = next((c.layers for c in candidates if c is not None and hasattr(c, "layers")), None)
     if layers is None:
         fail(f"cannot find the decoder layers of {type(model).__name__}; this architecture is not supported")
     return layers

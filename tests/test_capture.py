@@ -232,3 +232,14 @@ def test_cli_error_is_one_line_exit_2(tmp_path, prompt_file):
     assert result.returncode == 2
     assert error_line(result.stderr) and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "a.parquet").exists()
+
+
+@pytest.mark.parametrize("family", [f for f in tiny.FAMILIES if f not in FAMILIES])
+def test_every_family_captures_all_indices(family, tmp_path, prompt_file):
+    """MoE, fused-expert, MLA and linear-attention models: L + 1 indices, batching-independent."""
+    model = tiny.make_model(family, tmp_path / family, layers=2)
+    table, alone = read(run_capture(model, prompt_file, tmp_path / "one.parquet", batch_size=1))
+    _, batched = read(run_capture(model, prompt_file, tmp_path / "many.parquet", batch_size=5))
+    assert sorted(set(table.column("layer").to_pylist())) == [0, 1, 2]
+    relative = np.linalg.norm(alone - batched, axis=1) / np.linalg.norm(alone, axis=1)
+    assert relative.max() < 1e-5
