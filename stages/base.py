@@ -22,6 +22,10 @@ reflink file system.
 
 The output is built in a temporary folder beside ``--out`` and renamed into place only when it is
 complete and valid (config.json + safetensors weights; ``.bin``-only checkpoints are refused).
+
+DVC reruns this stage when ``model.*`` or ``demo.*`` params change, not when the files inside a
+source folder change (a folder or hub id is not a DVC dependency): after replacing a model in
+place, run ``dvc repro -f base``.
 """
 
 from __future__ import annotations
