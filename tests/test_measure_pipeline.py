@@ -65,6 +65,21 @@ def stale(root: Path, env: dict) -> dict:
     return json.loads(dvc(root, env, "status", "--json", "--with-deps", "score").stdout or "{}")
 
 
+def set_param(path: Path, group: str, key: str, value) -> None:
+    """Edit one key of params.yaml as a user would (comments kept)."""
+    import io
+
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    data = yaml.load(path.read_text())
+    assert data[group][key] != value
+    data[group][key] = value
+    buffer = io.StringIO()
+    yaml.dump(data, buffer)
+    path.write_text(buffer.getvalue())
+
+
 def file_state(folder: Path) -> dict:
     return {p.name: (p.stat().st_ino, p.stat().st_mode, p.read_bytes()) for p in sorted(folder.iterdir())}
 
@@ -119,10 +134,7 @@ def test_repro_then_reruns_only_what_changed(project):
     assert stages_run(dvc(root, env, "repro", "score")) == {"capture@harmless", "reduce", "score"}
 
     # a reduce.* key: neither capture reruns
-    params = (root / "params.yaml").read_text()
-    assert "  projected: false       # unit directions" in params
-    (root / "params.yaml").write_text(params.replace("  projected: false       # unit directions",
-                                                     "  projected: true        # unit directions", 1))
+    set_param(root / "params.yaml", "reduce", "projected", True)
     assert set(stale(root, env)) == {"reduce"}
     assert stages_run(dvc(root, env, "repro", "score")) == {"reduce", "score"}
     assert stale(root, env) == {}
