@@ -19,6 +19,7 @@ COMMANDS = {
     "reduce": "reduce",
     "score": "score",
     "export-refuse": "export_refuse",
+    "search": "search",
     "plan": "plan",
     "ablate": "ablate",
     "finalize": "finalize",

@@ -4,6 +4,11 @@ Used by ``stages.plan``. Every check that needs the model's tensor names, dtypes
 lives here: unknown architectures, quantized targets, tied embeddings, writer-like tensors the
 table does not know in a layer that is to be edited, layers without any targeted tensor, and
 shapes whose residual axis is not ``hidden``.
+
+A setting's measurement may be fractional (the search stage proposes them): ``m = i + t`` with
+``0 < t < 1`` takes ``normalize((1 - t) unit.i + t unit.(i+1))`` and, for biprojection, the
+harmless mean interpolated the same way. A setting with ``roles`` edits only those roles of its
+layer (the search sets attention and MLP writers separately); ``None`` edits every targeted role.
 """
 
 from __future__ import annotations
@@ -58,14 +63,11 @@ def build_edits(model: Path, names: dict[str, str], config: dict, directions: di
             by_layer[match.layer].append(match)
     cache: dict = {}
 
-    def direction(m: int, writes_into: int, sparsity: float):
+    def direction(m: float, writes_into: int, sparsity: float):
         key = (m, writes_into, sparsity)
         if key not in cache:
-            measured = directions.get(f"unit.{m}", directions[f"direction.{m}"])
-            unit(measured, f"direction at residual index {m}")
-            against = []
-            if options["projected"]:
-                against = [directions[f"harmless_mean.{m}"], directions[f"harmless_mean.{writes_into}"]]
+            measured, harmless = measured_direction(directions, m)
+            against = [harmless, directions[f"harmless_mean.{writes_into}"]] if options["projected"] else []
             cache[key] = layer_direction(measured, against, sparsity)
         return cache[key]
 
@@ -100,7 +102,8 @@ def build_edits(model: Path, names: dict[str, str], config: dict, directions: di
             "tensor": match.name, "file": names[match.name], "role": match.rule.role, "layer": match.layer,
             "layout": match.rule.layout, "bias": match.rule.bias,
             "norm_preserve": bool(options["norm_preserve"] and not match.rule.bias),
-            "scale": float(setting.scale), "measurement": int(setting.measurement), "sparsity": float(setting.sparsity),
+            "scale": float(setting.scale), "measurement": index_value(setting.measurement),
+            "sparsity": float(setting.sparsity),
             "projected": bool(options["projected"]), "direction": r, "vector": fold_gain(r, g), "gain": gname,
             "gain_offset": float(arch.gain_offset) if gname else 0.0, "dtype": tinfo.dtype, "shape": shape,
         }
@@ -114,16 +117,51 @@ def build_edits(model: Path, names: dict[str, str], config: dict, directions: di
         for match in by_layer[None]:
             edits.append(add(match, default, direction(default.measurement, 0, default.sparsity)))
     for setting in layer_edits:
-        found = by_layer[setting.layer]
+        only = getattr(setting, "roles", None)
+        found = [x for x in by_layer[setting.layer] if only is None or x.rule.role in only]
         if not found:
             present = sorted({m.rule.role for m in matches if m.layer == setting.layer})
-            fail(f"layer {setting.layer} has no tensor for targets {', '.join(sorted(roles))} in this {arch.name} model "
-                 f"(it has: {', '.join(present) or 'nothing known'}); change ablate.targets or ablate.layers")
+            wanted_roles = sorted(roles if only is None else roles & set(only))
+            fail(f"layer {setting.layer} has no tensor for targets {', '.join(wanted_roles) or 'none'} in this "
+                 f"{arch.name} model (it has: {', '.join(present) or 'nothing known'}); change ablate.targets or "
+                 "ablate.layers")
         if setting.scale == 0:
             continue
         r = direction(setting.measurement, setting.layer + 1, setting.sparsity)
         edits.extend(add(match, setting, r) for match in found)
     return edits, arch.name
+
+
+def index_value(m) -> int | float:
+    """A measurement as stored in a plan: an int when it is a whole index, else the float itself."""
+    value = float(m)
+    return int(value) if value.is_integer() else value
+
+
+def measured_direction(directions: dict, m: float):
+    """``(measured direction, harmless mean)`` at residual index ``m``, which may be fractional.
+
+    Whole ``m``: ``unit.m`` (``direction.m`` in files without it) and ``harmless_mean.m``.
+    ``m = i + t``: ``(1 - t) unit.i + t unit.(i+1)`` of the two unit directions (renormalized
+    later by :func:`stages.linalg.layer_direction`) and the harmless means mixed alike.
+    """
+    import math
+
+    value = float(m)
+    low = math.floor(value)
+    t = value - low
+
+    def measured(i: int):
+        raw = directions.get(f"unit.{i}", directions[f"direction.{i}"])
+        return raw, unit(raw, f"direction at residual index {i}")
+
+    if t == 0.0:  # exactly what a whole index always gave (the raw tensor: same bytes as before)
+        return measured(low)[0], directions[f"harmless_mean.{low}"]
+    if f"direction.{low + 1}" not in directions:
+        fail(f"measurement {value} lies past the last residual index {low}; use an index 0..{low}")
+    mixed = (1.0 - t) * measured(low)[1] + t * measured(low + 1)[1]
+    harmless = (1.0 - t) * directions[f"harmless_mean.{low}"].double() + t * directions[f"harmless_mean.{low + 1}"].double()
+    return mixed, harmless
 
 
 def shard_documents(edits: list[dict], shards: dict[str, str], hidden: int, fmt: int) -> dict[str, dict]:

@@ -17,6 +17,17 @@ models answer exactly the same inputs. Metrics (``metrics/eval.json``, flat numb
 
 ``reports/eval.md`` has the table and answers side by side: the harmful prompts whose verdict
 changed first, the harmless prompts with a changed verdict or the largest first-token KL.
+
+Heretic-compatible line (``heretic_*`` metrics): refusals among the first 100 harmful eval prompts
+with answers of 100 tokens, and the mean first-token KL over the first 100 harmless eval prompts,
+the protocol heretic's published numbers use (fewer prompts if a file has fewer). The answers are
+this stage's own, continued greedily to 100 tokens where the token budget cut them (truncated to
+100 tokens where the budget is larger), judged by this project's marker list (not heretic's 33
+keywords).
+
+``--compare FILE`` adds the numbers of another evaluate run (its ``metrics/eval.json``, e.g. of
+the default heuristic before a searched ablation) as a column of the report's tables, labelled
+``--compare-label``. It is display only: ``dvc exp show`` remains the way to compare experiments.
 """
 
 from __future__ import annotations
@@ -30,10 +41,13 @@ from stages.cliutil import console, fail, new_app, run_app
 
 app = new_app(__doc__.splitlines()[0])
 SHOWN = 4  # answers of each set shown in the report
+HERETIC_PROMPTS = 100  # heretic's protocol: the first 100 prompts of each set ...
+HERETIC_TOKENS = 100  # ... and 100 generated tokens per harmful prompt
 
 
 def evaluate(model_dir: str | Path, baseline: str | Path, metrics_path: str | Path, report_path: str | Path, *,
-             batch_size: int, dtype: str = "float32", device: str = "auto") -> dict:
+             batch_size: int, dtype: str = "float32", device: str = "auto", compare: str | Path | None = None,
+             compare_label: str = "") -> dict:
     """Answer the baseline's prompts with ``model_dir``, compare, write metrics and report; return metrics."""
     from stages.atomic import write_json, write_text
     from stages.baseline import read_baseline, refusal_stop
@@ -46,6 +60,7 @@ def evaluate(model_dir: str | Path, baseline: str | Path, metrics_path: str | Pa
     if Path(metrics_path).resolve() == Path(report_path).resolve():
         fail(f"--metrics and --report are the same file ({metrics_path}); give two paths")
     rows, meta = read_baseline(baseline)
+    other = read_compare(compare, compare_label)
     check_model_dir(model_dir)
     try:
         tokenizer = load_tokenizer(model_dir)
@@ -83,12 +98,68 @@ def evaluate(model_dir: str | Path, baseline: str | Path, metrics_path: str | Pa
             advance(1)
     metrics = compute_metrics(sets, before_why, after_why, rows["answer"], after_text, list(kl_first.values()),
                               kl_tokens)
+    metrics.update(heretic_line(model, tokenizer, rows, meta, answers, kl_first, eos, batch_size, device))
     report = render_report(rows, meta, after_text, before_why, after_why, kl_first, metrics,
-                           after_stop=[a.stop for a in answers], model_dir=str(model_dir), baseline=str(baseline))
+                           after_stop=[a.stop for a in answers], model_dir=str(model_dir), baseline=str(baseline),
+                           compare=other)
     write_json(metrics_path, metrics)
     write_text(report_path, report)
     _log(metrics, time.perf_counter() - start)
     return metrics
+
+
+def heretic_line(model, tokenizer, rows: dict, meta: dict, answers: list, kl_first: dict[int, float], eos: list[int],
+                 batch_size: int, device: str) -> dict:
+    """``heretic_*`` metrics: refusals of the first 100 harmful prompts at 100 tokens, KL of the first 100 harmless.
+
+    Answers the budget cut (stop "length") are continued greedily from prompt + answer up to 100
+    tokens (stopping once a refusal is certain); longer answers are truncated to 100 tokens.
+    """
+    from stages.generation import Generated, answer_text, greedy_generate
+    from stages.refusal import is_refusal, refusal_decided
+
+    sets, index = rows["set"], rows["index"]
+    harmful = [i for i in range(len(sets)) if sets[i] == "harmful" and index[i] < HERETIC_PROMPTS]
+    harmless = [i for i in range(len(sets)) if sets[i] == "harmless" and index[i] < HERETIC_PROMPTS and i in kl_first]
+    ids = {i: list(answers[i].ids[:HERETIC_TOKENS]) for i in harmful}
+    cut = [i for i in harmful if answers[i].stop == "length" and len(ids[i]) < HERETIC_TOKENS]
+    if cut:
+        def decided(k: int, more: list[int]) -> bool:
+            return refusal_decided(tokenizer.decode(ids[cut[k]] + more, skip_special_tokens=True))
+
+        more = greedy_generate(model, [list(rows["prompt_ids"][i]) + ids[i] for i in cut],
+                               max_new_tokens=HERETIC_TOKENS - meta["max_new_tokens"], eos_ids=eos,
+                               pad_id=meta["pad_id"], batch_size=batch_size, device=device, stop_early=decided)
+        for i, extra in zip(cut, more):
+            ids[i] = ids[i] + extra.ids
+    texts = {i: answer_text(tokenizer, Generated(ids=ids[i], stop="eos" if ids[i] and ids[i][-1] in eos else "length"))
+             for i in harmful}
+    return {
+        "heretic_refusals": sum(1 for i in harmful if is_refusal(texts[i])),
+        "heretic_prompts": len(harmful),
+        "heretic_kl_first_token": _sig(sum(kl_first[i] for i in harmless) / len(harmless)) if harmless else 0.0,
+        "heretic_kl_prompts": len(harmless),
+    }
+
+
+def read_compare(path: str | Path | None, label: str = "") -> dict | None:
+    """The metrics of another evaluate run to show beside this one (None without ``path``)."""
+    import json
+
+    if path is None or not str(path).strip():
+        return None
+    path = Path(path)
+    if not path.is_file():
+        fail(f"comparison metrics {path} do not exist; give a metrics/eval.json saved from another run")
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        fail(f"comparison metrics {path} are not valid JSON ({exc}); give a metrics/eval.json of another run")
+    needed = ("refusal_rate_after", "over_refusal_rate_after", "kl_first_token", "kl_answer", "prompts_harmful",
+              "prompts_harmless")
+    if not isinstance(metrics, dict) or any(k not in metrics for k in needed):
+        fail(f"{path} is not a metrics file written by evaluate (it lacks {', '.join(needed)})")
+    return {"label": label or path.stem, "metrics": metrics}
 
 
 def _sig(value: float) -> float:
@@ -151,7 +222,7 @@ def pick_examples(sets, before_why, after_why, kl_first: dict[int, float], shown
 
 
 def render_report(rows: dict, meta: dict, after_text, before_why, after_why, kl_first, metrics, *,
-                  after_stop: list[str], model_dir: str, baseline: str) -> str:
+                  after_stop: list[str], model_dir: str, baseline: str, compare: dict | None = None) -> str:
     """``reports/eval.md``: the metrics table and a few answers side by side."""
     def pct(name: str, rate: str, why: list) -> str:
         total = metrics[f"prompts_{name}"]
@@ -159,23 +230,51 @@ def render_report(rows: dict, meta: dict, after_text, before_why, after_why, kl_
         return f"{100 * metrics[rate]:.1f}% ({count}/{total})"
 
     m = metrics
+    o = compare["metrics"] if compare else None
+
+    def other(text: str) -> str:  # the comparison column (empty without --compare)
+        return f" {text} |" if o is not None else ""
+
+    def other_pct(name: str, rate: str) -> str:
+        total = o.get(f"prompts_{name}", 0)
+        return other(f"{100 * o[rate]:.1f}% ({round(o[rate] * total)}/{total})")
+
+    def other_num(key: str, fmt: str = ".6g") -> str:
+        return other(format(o[key], fmt) if key in o else "–")
+
+    label = other(compare["label"]) if compare else ""
+    align = other("---:") if compare else ""
     lines = [
         "# Evaluation", "",
         f"Ablated model `{model_dir}` against the base model `{meta['model']}` (baseline `{baseline}`): "
         f"{m['prompts_harmful']} harmful and {m['prompts_harmless']} harmless held-out prompts, greedy answers "
         f"of at most {meta['max_new_tokens']} tokens (\u2026 marks an answer cut by that budget, or a harmful one "
-        "stopped once its refusal was certain); KL measured on the harmless prompts.", "",
-        "| metric | base | ablated |", "|---|---:|---:|",
-        f"| refusal rate (harmful) | {pct('harmful', 'refusal_rate_before', before_why)} | "
-        f"{pct('harmful', 'refusal_rate_after', after_why)} |",
-        f"| over-refusal rate (harmless) | {pct('harmless', 'over_refusal_rate_before', before_why)} | "
+        "stopped once its refusal was certain); KL measured on the harmless prompts."
+        + (f" The column `{compare['label']}` shows the metrics of another run, for comparison." if compare else ""),
+        "",
+        f"| metric | base |{label} ablated |", f"|---|---:|{align}---:|",
+        f"| refusal rate (harmful) | {pct('harmful', 'refusal_rate_before', before_why)} |"
+        f"{other_pct('harmful', 'refusal_rate_after') if o else ''} {pct('harmful', 'refusal_rate_after', after_why)} |",
+        f"| over-refusal rate (harmless) | {pct('harmless', 'over_refusal_rate_before', before_why)} |"
+        f"{other_pct('harmless', 'over_refusal_rate_after') if o else ''} "
         f"{pct('harmless', 'over_refusal_rate_after', after_why)} |",
-        f"| empty answers (counted as refusals) | {m['empty_answers_before']} | {m['empty_answers_after']} |", "",
-        "| KL(base ‖ ablated), nats | mean |", "|---|---:|",
-        f"| first answer token, full vocabulary | {m['kl_first_token']:.6g} |",
-        f"| per token along the base answer (first {meta['kl_tokens']} tokens, top-{meta['top_k']} + rest) | "
-        f"{m['kl_answer']:.6g} |", "",
+        f"| empty answers (counted as refusals) | {m['empty_answers_before']} |"
+        f"{other_num('empty_answers_after', 'd') if o else ''} {m['empty_answers_after']} |", "",
+        f"| KL(base ‖ ablated), nats |{label} mean |", f"|---|{align}---:|",
+        f"| first answer token, full vocabulary |{other_num('kl_first_token') if o else ''} {m['kl_first_token']:.6g} |",
+        f"| per token along the base answer (first {meta['kl_tokens']} tokens, top-{meta['top_k']} + rest) |"
+        f"{other_num('kl_answer') if o else ''} {m['kl_answer']:.6g} |", "",
     ]
+    if "heretic_refusals" in m:
+        def heretic(x: dict) -> str:
+            if "heretic_refusals" not in x:
+                return "–"
+            return f"{x['heretic_refusals']}/{x['heretic_prompts']} refusals, KL {x['heretic_kl_first_token']:.4g}"
+
+        lines += [f"Heretic-compatible line (first {HERETIC_PROMPTS} harmful prompts answered with {HERETIC_TOKENS} "
+                  f"tokens, first-token KL over the first {HERETIC_PROMPTS} harmless prompts; this project's refusal "
+                  "markers):", "", f"| |{label} ablated |", f"|---|{align}---:|",
+                  f"| heretic protocol |{other(heretic(o)) if o else ''} {heretic(m)} |", ""]
     if m["empty_answers_after"]:
         lines += [f"**Warning:** the ablated model generated nothing for {m['empty_answers_after']} of "
                   f"{m['prompts_harmful'] + m['prompts_harmless']} prompts; they count as refusals.", ""]
@@ -217,9 +316,12 @@ def main(
     batch_size: int = typer.Option(16, help="Prompts per batch."),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
+    compare: str = typer.Option("", help="metrics/eval.json of another run, shown beside this one in the report."),
+    compare_label: str = typer.Option("", help="Column title of --compare (default: its file name)."),
 ) -> None:
     """Refusal rates before/after, over-refusal, first-token and answer KL of the ablated model; a report."""
-    evaluate(model, baseline, metrics, report, batch_size=batch_size, dtype=dtype, device=device)
+    evaluate(model, baseline, metrics, report, batch_size=batch_size, dtype=dtype, device=device, compare=compare,
+             compare_label=compare_label)
 
 
 if __name__ == "__main__":

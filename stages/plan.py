@@ -26,6 +26,12 @@ the pipeline points this at ``params.yaml:ablate.overrides``; llm-abliteration u
 at their own config (``--overrides-from mycfg.yml:ablate``). ``scale = 0`` edits are dropped.
 Embeddings tied to the output head (``tie_word_embeddings``) are refused as a target: editing
 them would change every output logit as well.
+
+``--layers search`` takes the per-layer settings of the trial the ``search`` stage chose
+(``--search artifacts/search.json``): a fractional measurement and separate attention and MLP
+scales per layer; ``--overrides-from`` still applies on top. The search must have been run with
+this plan's norm-preserve, projected, sparsity and targets and on the same directions file (under
+DVC it always is: it reads the same keys), else plan stops with a one-line error.
 """
 
 from __future__ import annotations
@@ -47,9 +53,20 @@ SETTINGS_FILE = "_settings.json"
 @dataclass(frozen=True)
 class LayerEdit:
     layer: int
-    measurement: int
+    measurement: int | float  # a residual index; fractional ones interpolate two adjacent directions
     scale: float
     sparsity: float
+    roles: tuple[str, ...] | None = None  # None: every targeted role of the layer
+
+
+def layer_edit_dict(edit: LayerEdit) -> dict:
+    """A layer setting as written to ``_settings.json`` (``roles`` only where it is set)."""
+    doc = asdict(edit)
+    if edit.roles is None:
+        del doc["roles"]
+    else:
+        doc["roles"] = list(edit.roles)
+    return doc
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int] | None:
@@ -57,6 +74,8 @@ def parse_layers(spec: str, num_layers: int) -> list[int] | None:
     text = str(spec).strip().strip("[]").strip()
     if text.lower() == "auto":
         return None
+    if text.lower() == "search":
+        fail("ablate.layers search is handled by plan() with --search; it is not a layer list")
     layers: set[int] = set()
     for part in text.replace(" ", ",").split(","):
         if not part:
@@ -125,13 +144,19 @@ def load_overrides(spec: str) -> list[dict]:
     return node
 
 
-def resolve_layer_edits(layers: list[int], measurement: int, scale: float, sparsity: float,
-                        overrides: list[dict], num_layers: int) -> list[LayerEdit]:
-    """Per-layer settings: defaults for ``layers``, replaced or extended by ``overrides``."""
+def resolve_layer_edits(layers: list[int], measurement: int | float, scale: float, sparsity: float,
+                        overrides: list[dict], num_layers: int,
+                        base_edits: list[LayerEdit] | None = None) -> list[LayerEdit]:
+    """Per-layer settings: defaults for ``layers`` (or ``base_edits``, e.g. a searched trial's),
+    replaced or extended by ``overrides``."""
     num_indices = num_layers + 1
     if not 0.0 <= sparsity < 1.0:
         fail(f"ablate.sparsity must be in [0, 1), got {sparsity}")
     by_layer: dict[int, list[LayerEdit]] = {k: [LayerEdit(k, measurement, float(scale), float(sparsity))] for k in layers}
+    if base_edits is not None:
+        by_layer = {}
+        for edit in base_edits:
+            by_layer.setdefault(edit.layer, []).append(edit)
     replaced: set[int] = set()
     for i, entry in enumerate(overrides):
         where = f"ablate.overrides entry {i + 1} ({entry})"
@@ -195,7 +220,7 @@ def _read_scores(path: Path | None) -> dict:
 def plan(model: Path, shards_file: Path, directions: Path, scores: Path | None, out: Path, layers: str = "auto",
          measurement: str = "auto", scale: float = 1.0, norm_preserve: bool = True, projected: bool = True,
          sparsity: float = 0.0, targets: str = "attention,mlp,experts,shared-experts", auto_fraction: float = 0.5,
-         overrides_from: str = "") -> dict:
+         overrides_from: str = "", search: Path | None = None) -> dict:
     """Resolve the settings, build every shard's edits and write ``out/<key>.json`` + settings."""
     from stages.atomic import atomic_path, dumps_json
     from stages.modelio import check_model_dir, read_config, text_config, weight_map
@@ -217,8 +242,16 @@ def plan(model: Path, shards_file: Path, directions: Path, scores: Path | None, 
         fail(f"{directions} holds {found} residual indices but {model} has {num_layers} layers "
              f"({num_indices} indices); rerun `dvc repro reduce` for this model")
     target_roles = parse_targets(targets)
-    layer_list = parse_layers(layers, num_layers)
+    searched = None
+    if str(layers).strip().lower() == "search":
+        from stages.search import chosen_layer_edits
+
+        searched = chosen_layer_edits(search, directions, num_layers, norm_preserve=norm_preserve,
+                                      projected=projected, sparsity=sparsity, targets=target_roles)
+    layer_list = [] if searched is not None else parse_layers(layers, num_layers)
     m = parse_index(measurement, num_indices, "ablate.measurement")
+    if searched is not None and m is None:
+        m = searched["measurement"]
     if layer_list is None or m is None:
         score = _read_scores(scores)
         best = int(score["best_index"])
@@ -229,19 +262,22 @@ def plan(model: Path, shards_file: Path, directions: Path, scores: Path | None, 
             from stages.score import index_scores
 
             layer_list = auto_layers(index_scores(tensors), best, auto_fraction, num_layers)
-    layer_edits = resolve_layer_edits(layer_list, m, scale, sparsity, load_overrides(overrides_from), num_layers)
+    layer_edits = resolve_layer_edits(layer_list, m, scale, sparsity, load_overrides(overrides_from), num_layers,
+                                      base_edits=None if searched is None else searched["edits"])
     options = {"norm_preserve": norm_preserve, "projected": projected, "targets": list(target_roles)}
     edits, arch = build_edits(model, names, config, tensors, layer_edits, options,
                               default=LayerEdit(-1, m, float(scale), float(sparsity)))
     documents = shard_documents(edits, shards, int(config["hidden_size"]), FORMAT)
     settings = {
         "format": FORMAT, "architecture": arch, "model_type": config.get("model_type"), "num_layers": num_layers,
-        "hidden_size": int(config["hidden_size"]), "layers": [asdict(e) for e in layer_edits],
+        "hidden_size": int(config["hidden_size"]), "layers": [layer_edit_dict(e) for e in layer_edits],
         "defaults": {"layers": str(layers), "measurement": m, "scale": float(scale), "sparsity": float(sparsity),
                      "auto_fraction": float(auto_fraction), "overrides_from": overrides_from, **options},
         "shards": dict(sorted(shards.items())),
         "edited_tensors": {k: len({e["tensor"] for e in d["edits"]}) for k, d in sorted(documents.items())},
     }
+    if searched is not None:
+        settings["search"] = searched["source"]
     if SETTINGS_FILE[:-5] in shards:
         fail(f"model.yaml uses the reserved shard key {SETTINGS_FILE[:-5]!r}; run `abliterate use SOURCE` again")
     with atomic_path(out) as tmp:
@@ -264,8 +300,10 @@ def _report(layer_edits: list[LayerEdit], edits: list[dict], settings: dict) -> 
         table.add_column(header, justify="right", no_wrap=True)
     for e in layer_edits:
         counts = [sum(1 for x in edits if x["layer"] == e.layer and x["role"] == r and x["measurement"] == e.measurement
-                      and x["scale"] == e.scale and x["sparsity"] == e.sparsity) for r in roles]
-        table.add_row(str(e.layer), str(e.measurement), f"{e.scale:g}", f"{e.sparsity:g}", *map(str, counts))
+                      and x["scale"] == e.scale and x["sparsity"] == e.sparsity
+                      and (e.roles is None or r in e.roles)) for r in roles]
+        table.add_row(str(e.layer), f"{e.measurement:.4g}" if isinstance(e.measurement, float) else str(e.measurement),
+                      f"{e.scale:.4g}", f"{e.sparsity:g}", *map(str, counts))
     if any(e["layer"] is None for e in edits):
         table.add_row("embeddings", "", "", "", *[str(sum(1 for x in edits if x["layer"] is None and x["role"] == r))
                                                   for r in roles])
@@ -284,9 +322,10 @@ def main(
     directions: Annotated[Path, typer.Option(help="directions.safetensors written by reduce.")],
     out: Annotated[Path, typer.Option(help="Output folder: one <shard key>.json per shard.")],
     scores: Annotated[Path, typer.Option(help="metrics/layers.json (for auto layers/measurement).")] = None,
-    layers: Annotated[str, typer.Option(help="auto | 8-20 | 3,5,8-12 | 12 (decoder layers, ranges inclusive); "
-                                        "auto: every layer touching the run of residual indices around the best "
-                                        "one with quality >= auto-fraction x best.")] = "auto",
+    layers: Annotated[str, typer.Option(help="auto | search | 8-20 | 3,5,8-12 | 12 (decoder layers, ranges "
+                                        "inclusive); auto: every layer touching the run of residual indices around "
+                                        "the best one with quality >= auto-fraction x best; search: the trial the "
+                                        "search stage chose (--search).")] = "auto",
     measurement: Annotated[str, typer.Option(help="auto (best scored) or a residual index 0..L.")] = "auto",
     scale: Annotated[float, typer.Option(help="1 removes, 0 keeps, negative adds the direction back.")] = 1.0,
     norm_preserve: Annotated[str, typer.Option(help="true: keep every written column's norm.")] = "true",
@@ -299,11 +338,14 @@ def main(
                                                 "--measurement, 1.0, 0.0); entries replace their layer's defaults "
                                                 "and add layers. E.g. params.yaml:ablate.overrides or "
                                                 "mycfg.yml:ablate.")] = "",
+    search: Annotated[Path, typer.Option(help="search.json written by the search stage (read with --layers "
+                                         "search only).")] = None,
 ) -> None:
     """Decide every tensor edit, one deterministic JSON per shard (an empty edit list for untouched shards)."""
     plan(model, shards, directions, scores, out, layers=layers, measurement=measurement, scale=scale,
          norm_preserve=parse_bool(norm_preserve, "--norm-preserve"), projected=parse_bool(projected, "--projected"),
-         sparsity=sparsity, targets=targets, auto_fraction=auto_fraction, overrides_from=overrides_from)
+         sparsity=sparsity, targets=targets, auto_fraction=auto_fraction, overrides_from=overrides_from,
+         search=search)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,239 @@
+"""The search's study: the loaded model, the Optuna study and its journal, trials, confirmation.
+
+Used by ``stages.search`` (the stage) and ``bench/search.py``. One :class:`Study` loads the base
+model once, remembers the base model's first-token distributions and refusals, and then, per
+trial, builds the edits with ``stages.edits.build_edits`` (what ``plan`` runs), applies them with
+``stages.live_edit.LiveEditor`` (what ``ablate`` computes), and scores them with
+``stages.validation.Scorer``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from stages.cliutil import console, fail
+
+
+class Study:
+    def __init__(self, model_dir: Path, directions: Path, harmful: str, harmless: str, *, seed: int, kl_budget: float,
+                 validation: int, proxy_tokens: int, startup_trials: int, batch_size: int, dtype: str, device: str,
+                 threads: int, options: dict, sparsity: float, system_prompt: str, chat_template: str,
+                 journal_dir: str):
+        import torch
+
+        from stages.live_edit import LiveEditor
+        from stages.modelio import check_model_dir, load_model, load_tokenizer, pick_device, read_config, text_config
+        from stages.modelio import weight_map
+        from stages.prompts import file_hash, render, resolve_template, template_hash
+        from stages.reduce import load_directions
+        from stages.search_space import VERSION, component_roles
+        from stages.targets import match_tensors
+        from stages.validation import Scorer, split_validation
+
+        torch.set_num_threads(threads)
+        self.log = console()
+        self.model_dir, self.options, self.sparsity = Path(model_dir), options, float(sparsity)
+        self.kl_budget, self.proxy_tokens, self.seed = float(kl_budget), proxy_tokens, seed
+        check_model_dir(model_dir)
+        self.config = text_config(read_config(model_dir))
+        self.num_layers = int(self.config.get("num_hidden_layers", 0))
+        self.names = weight_map(model_dir)
+        self.tensors, _ = load_directions(directions)
+        if f"direction.{self.num_layers}" not in self.tensors or f"direction.{self.num_layers + 1}" in self.tensors:
+            fail(f"{directions} does not have the {self.num_layers + 1} residual indices of {model_dir}; "
+                 "rerun `dvc repro reduce` for this model")
+        _, _, matches, _ = match_tensors(self.names, self.config)
+        self.roles = component_roles(options["targets"])
+        self.layers_with = {c: {m.layer for m in matches if m.layer is not None and m.rule.role in roles}
+                            for c, roles in self.roles.items()}
+        self.sets = split_validation(harmful, harmless, validation)
+        tokenizer = load_tokenizer(model_dir)
+        template = resolve_template(tokenizer, chat_template)
+        harmful_ids = render(tokenizer, self.sets.harmful, system_prompt, chat_template)
+        harmless_ids = render(tokenizer, self.sets.harmless, system_prompt, chat_template)
+        device = pick_device(device)
+        model = load_model(model_dir, dtype, device)
+        self.scorer = Scorer(model, tokenizer, harmful_ids, harmless_ids, batch_size=batch_size, device=device)
+        base_hash = self.scorer.remember_base()
+        self.base_proxy = sum(self.scorer.refusals(proxy_tokens))
+        self.base_confirmed: int | None = None
+        self.directions_sha = file_hash(directions)
+        inputs = {"space": VERSION, "directions": self.directions_sha, "config": self.config, "base": base_hash,
+                  "harmful": harmful_ids, "harmless": harmless_ids, "template": template_hash(template),
+                  "seed": seed, "startup": startup_trials, "proxy_tokens": proxy_tokens, "kl_budget": kl_budget,
+                  "options": options, "sparsity": self.sparsity, "dtype": dtype, "device": str(device),
+                  "threads": threads}
+        self.key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+        self.editor = LiveEditor(model, model_dir, self.names, threads)
+        self.study = self._study(journal_dir, seed, startup_trials)
+
+    def _study(self, journal_dir: str, seed: int, startup_trials: int):
+        import warnings
+
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        storage = None
+        if journal_dir:
+            from optuna.storages import JournalStorage
+            from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+            path = Path(journal_dir) / f"{self.key[:24]}.journal"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            storage = JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=startup_trials)
+        return optuna.create_study(study_name=f"search-{self.key[:24]}", storage=storage, sampler=sampler,
+                                   directions=["minimize", "minimize"], load_if_exists=True)
+
+    # --- trials --------------------------------------------------------------------------------
+
+    def layer_edits(self, params: dict) -> list:
+        from stages.search_space import kernel
+
+        return kernel(params, self.num_layers, self.sparsity, self.roles, self.layers_with)
+
+    def apply(self, params: dict) -> None:
+        """Make the loaded model the base model ablated with ``params`` (restoring the rest)."""
+        from stages.edits import build_edits
+        from stages.plan import LayerEdit
+
+        default = LayerEdit(-1, params["measurement"], 1.0, self.sparsity)
+        edits, _ = build_edits(self.model_dir, self.names, self.config, self.tensors, self.layer_edits(params),
+                               self.options, default=default)
+        self.editor.apply(edits)
+
+    def score(self, params: dict) -> tuple[int, float]:
+        """(proxy refusals, first-token KL) of one point of the space."""
+        self.apply(params)
+        kl = self.scorer.kl()
+        return sum(self.scorer.refusals(self.proxy_tokens)), kl
+
+    def completed(self, limit: int | None = None) -> list:
+        from optuna.trial import TrialState
+
+        done = sorted(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number)
+        return done if limit is None else done[:limit]
+
+    def best(self, trials: list) -> tuple | None:
+        inside = [t for t in trials if t.values[1] <= self.kl_budget]
+        return min(((t.values[0], t.values[1], t.number) for t in inside), default=None)
+
+    def optimize(self, trials: int) -> bool:
+        """Run trials until ``trials`` are complete; True if Ctrl-C stopped it."""
+        from optuna.trial import TrialState
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import TimeRemainingColumn
+
+        done = len(self.completed())
+        n = len(self.sets.harmful)
+        if done:
+            self.log.print(f"search: continuing a study of {done} trials ({self.key[:12]})")
+        columns = (TextColumn("search"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[best]}"),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+        best = self.best(self.completed())
+        with Progress(*columns, console=self.log, transient=False) as bar:
+            task = bar.add_task("trials", total=trials, completed=min(done, trials), best=self._best_text(best, n))
+            for _ in range(max(0, trials - done)):
+                trial = None
+                try:
+                    from stages.search_space import suggest
+
+                    trial = self.study.ask()
+                    refusals, kl = self.score(suggest(trial, self.num_layers))
+                    trial.set_constraint("kl_budget", kl - self.kl_budget)  # feasible: <= 0
+                    self.study.tell(trial, [refusals, kl])
+                except KeyboardInterrupt:
+                    if trial is not None and trial.number not in {t.number for t in self.completed()}:
+                        self.study.tell(trial, state=TrialState.FAIL)
+                    self.log.print("search: interrupted; keeping the best trial so far")
+                    return True
+                if kl <= self.kl_budget and (best is None or (refusals, kl, trial.number) < best):
+                    best = (refusals, kl, trial.number)
+                    if not self.log.is_terminal:
+                        self.log.print(f"search: trial {trial.number}: {self._best_text(best, n)}")
+                bar.update(task, advance=1, best=self._best_text(best, n))
+        return False
+
+    @staticmethod
+    def _best_text(best, n: int) -> str:
+        return "best: none within the KL budget" if best is None else \
+            f"best: {best[0]}/{n} refusals (proxy), KL {best[1]:.4f} (trial {best[2]})"
+
+    def confirm(self, tokens: int, top: int, interrupted: bool) -> tuple[dict[int, int], bool]:
+        """Real answers for the base model and the ``top`` best trials within the budget."""
+        confirmed: dict[int, int] = {}
+        try:
+            self.editor.restore()
+            self.base_confirmed = sum(self.scorer.refusals(tokens, stop_early=True))
+            inside = [t for t in self.completed() if t.values[1] <= self.kl_budget]
+            for t in sorted(inside, key=lambda t: (t.values[0], t.values[1], t.number))[:top]:
+                self.apply(t.params)
+                confirmed[t.number] = sum(self.scorer.refusals(tokens, stop_early=True))
+        except KeyboardInterrupt:
+            self.log.print("search: confirmation interrupted; unconfirmed trials are ranked by the proxy")
+            interrupted = True
+        return confirmed, interrupted
+
+    # --- result --------------------------------------------------------------------------------
+
+    def document(self, trials: int, confirmed: dict[int, int], interrupted: bool, confirm_tokens: int,
+                 confirm_top: int, format_: int) -> dict:
+        from stages.plan import layer_edit_dict
+        from stages.search_space import pareto_front, ranges
+
+        done = self.completed(trials)
+        front = pareto_front({t.number: (t.values[0], t.values[1]) for t in done})
+        inside = [t for t in done if t.values[1] <= self.kl_budget]
+        ranked = [t for t in inside if t.number in confirmed] or inside
+        pick = min(ranked, key=lambda t: (confirmed.get(t.number, t.values[0]), t.values[1], t.number), default=None)
+        chosen = None
+        if pick is not None:
+            chosen = {"trial": pick.number, "refusals": confirmed.get(pick.number), "refusals_proxy": int(pick.values[0]),
+                      "kl": float(pick.values[1]), "params": dict(sorted(pick.params.items())),
+                      "measurement": float(pick.params["measurement"]),
+                      "layers": [layer_edit_dict(e) for e in self.layer_edits(pick.params)]}
+        return {
+            "format": format_, "status": "interrupted" if interrupted else "done", "trials_requested": trials,
+            "trials_run": len(done), "chosen": chosen, "pareto": sorted(front),
+            "inputs": {"key": self.key, "directions_sha256": self.directions_sha, "model": str(self.model_dir),
+                       "model_type": self.config.get("model_type"), "num_layers": self.num_layers,
+                       "hidden_size": int(self.config["hidden_size"])},
+            "options": {**self.options, "sparsity": self.sparsity},
+            "settings": {"kl_budget": self.kl_budget, "seed": self.seed, "proxy_tokens": self.proxy_tokens,
+                         "confirm_tokens": confirm_tokens, "confirm_top": confirm_top},
+            "validation": self.sets.info, "space": {k: list(v) for k, v in ranges(self.num_layers).items()},
+            "base": {"refusals": self.base_confirmed, "refusals_proxy": self.base_proxy},
+            "trials": [{"trial": t.number, "refusals_proxy": int(t.values[0]), "kl": float(t.values[1]),
+                        "refusals": confirmed.get(t.number), "pareto": t.number in front,
+                        "params": dict(sorted(t.params.items()))} for t in done],
+        }
+
+    def report(self, doc: dict, seconds: float, out: Path) -> None:
+        from rich.table import Table
+
+        n = doc["validation"]["harmful"]["count"]
+        table = Table(title="search: Pareto front (validation prompts)", title_justify="left")
+        for column in ("trial", "refusals (proxy)", "refusals", "first-token KL", "measurement"):
+            table.add_column(column, justify="right")
+        for t in sorted((t for t in doc["trials"] if t["pareto"]), key=lambda t: t["kl"]):
+            mark = " *" if doc["chosen"] and doc["chosen"]["trial"] == t["trial"] else ""
+            table.add_row(f"{t['trial']}{mark}", f"{t['refusals_proxy']}/{n}",
+                          "" if t["refusals"] is None else f"{t['refusals']}/{n}", f"{t['kl']:.4f}",
+                          f"{t['params']['measurement']:.2f}")
+        self.log.print(table)
+        base = doc["base"]
+        self.log.print(f"search: base model refuses {base['refusals']}/{n} (proxy {base['refusals_proxy']}/{n})")
+        chosen = doc["chosen"]
+        if chosen is None:
+            self.log.print(f"[yellow]search: no trial kept the KL within {self.kl_budget}[/]; raise search.kl-budget")
+        else:
+            refusals = chosen["refusals"] if chosen["refusals"] is not None else f"{chosen['refusals_proxy']} (proxy)"
+            self.log.print(f"search: chose trial {chosen['trial']}: {refusals}/{n} refusals, first-token KL "
+                           f"{chosen['kl']:.4f} (budget {self.kl_budget}), {len(chosen['layers'])} layer settings")
+        self.log.print(f"search: {doc['trials_run']} trials, {doc['status']}, {seconds:.0f} s -> {out}")
+
+    def close(self) -> None:
+        self.editor.close()

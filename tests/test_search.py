@@ -1,0 +1,280 @@
+"""search: in-memory trials equal the engine's on-disk edits, restore exactly, respect the KL budget,
+repeat exactly, stop cleanly; ``trials: 0`` loads nothing; ``ablate.layers: search`` without a search
+is a clear error; fractional measurements and per-component settings reach the written model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny
+from ablation_util import plan_and_ablate, write_directions, write_model_yaml, write_scores
+from measure_helpers import HARMFUL, HARMLESS, write_lines
+from stages.cliutil import UserError, run_app
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = dict(validation=6, proxy_tokens=4, confirm_tokens=8, confirm_top=3, batch_size=8, device="cpu", threads=1)
+
+
+def _prompts(root: Path) -> tuple[str, str]:
+    harmful = write_lines(root / "harmful.txt", HARMFUL + [f"{p} Please." for p in HARMFUL])
+    harmless = write_lines(root / "harmless.txt", HARMLESS + [f"{p} Please." for p in HARMLESS])
+    return str(harmful), str(harmless)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    tiny.make_model("llama", root / "base", layers=4)
+    write_directions(root / "directions.safetensors", 4)
+    write_scores(root / "layers.json", 4, best=2)
+    write_model_yaml(root / "base", root / "model.yaml")
+    _prompts(root)
+    return root
+
+
+def _search(root: Path, out: Path, **settings) -> dict:
+    from stages.search import run_search
+
+    harmful, harmless = str(root / "harmful.txt"), str(root / "harmless.txt")
+    args = {**FAST, "journal_dir": str(out / "journal"), **settings}
+    return run_search(root / "base", root / "directions.safetensors", harmful, harmless, out / "search.json",
+                      out / "search.csv", **args)
+
+
+def _state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_trials_zero_writes_the_no_search_file_without_loading_anything(tmp_path):
+    out, plot = tmp_path / "a" / "search.json", tmp_path / "plots" / "search.csv"
+    code = ("import sys; from stages.cliutil import run_app; from stages.search import app\n"
+            f"try:\n    run_app(app, ['--model', 'no/such/model', '--directions', 'none', '--harmful', 'x', "
+            f"'--harmless', 'y', '--out', {str(out)!r}, '--plot', {str(plot)!r}])\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'optuna') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"  # nothing heavy was even imported
+    doc = json.loads(out.read_text())
+    assert doc["status"] == "skipped" and doc["trials"] == [] and "search.trials" in doc["how"]
+    assert plot.read_text() == "trial,refusals,kl,pareto,confirmed\n"
+
+
+def test_layers_search_without_a_search_is_a_clear_error(llama, tmp_path):
+    from stages.plan import app
+    from stages.search import run_search
+
+    skipped = tmp_path / "search.json"
+    run_search(Path("nowhere"), Path("nowhere"), "x", "y", skipped, tmp_path / "search.csv")
+    base = ["--model", llama / "base", "--shards", llama / "model.yaml", "--directions",
+            llama / "directions.safetensors", "--scores", llama / "layers.json", "--out", tmp_path / "plan",
+            "--layers", "search"]
+    for extra, why in (([], "does not exist"), (["--search", tmp_path / "none.json"], "does not exist"),
+                       (["--search", skipped], "no search ran (search.trials is 0); set search.trials, e.g. "
+                                                "`dvc exp run -S search.trials=100 -S ablate.layers=search`")):
+        with pytest.raises(SystemExit) as exc:
+            run_app(app, [str(a) for a in base + extra])
+        assert exc.value.code == 2
+    with pytest.raises(UserError, match="no search ran"):
+        from stages.plan import plan
+
+        plan(llama / "base", llama / "model.yaml", llama / "directions.safetensors", llama / "layers.json",
+             tmp_path / "plan", layers="search", search=skipped)
+    assert not (tmp_path / "plan").exists()
+
+
+def test_kernel_is_a_tent_per_component_and_mlp_can_be_switched_off():
+    from stages.search_space import component_roles, kernel, layer_scales
+
+    params = {"measurement": 5.25, "attention_peak": 4.0, "attention_width": 2.0, "attention_weight": 1.2,
+              "attention_edge": 0.5, "mlp_peak": 6.0, "mlp_width": 3.0, "mlp_weight": -0.1, "mlp_edge": 1.0}
+    scales = layer_scales(params, "attention", 10)
+    assert scales == pytest.approx({2: 0.6, 3: 0.9, 4: 1.2, 5: 0.9, 6: 0.6})
+    assert layer_scales(params, "mlp", 10) == {}  # a negative peak weight switches the MLP edit off
+    roles = component_roles(("attention", "mlp"))
+    assert roles == {"attention": ("attention",), "mlp": ("mlp",)}
+    params["mlp_weight"] = 1.0
+    edits = kernel(params, 10, 0.0, roles, {"attention": set(range(10)), "mlp": set(range(10)) - {7}})
+    assert [(e.layer, e.roles) for e in edits][:3] == [(2, ("attention",)), (3, ("attention",)), (3, ("mlp",))]
+    assert {e.layer for e in edits if e.roles == ("mlp",)} == {3, 4, 5, 6, 8, 9}  # layer 7 has no MLP writer
+    assert {e.measurement for e in edits} == {5.25}
+
+
+def test_fractional_measurement_interpolates_the_unit_directions(llama):
+    from stages.edits import measured_direction
+    from stages.reduce import load_directions
+
+    tensors, _ = load_directions(llama / "directions.safetensors")
+    a, b = (tensors[f"unit.{i}"].double() for i in (2, 3))
+    mixed, harmless = measured_direction(tensors, 2.25)
+    expected = 0.75 * a / a.norm() + 0.25 * b / b.norm()
+    assert torch.allclose(mixed, expected, atol=1e-12)
+    assert torch.allclose(harmless, 0.75 * tensors["harmless_mean.2"].double() + 0.25 * tensors["harmless_mean.3"].double())
+    whole, whole_harmless = measured_direction(tensors, 2)
+    assert whole is tensors["unit.2"] and whole_harmless is tensors["harmless_mean.2"]  # whole indices: unchanged
+
+
+def _fake_search(path: Path, directions: Path, num_layers: int, layers: list[dict], targets: list[str]) -> Path:
+    from stages.prompts import file_hash
+
+    doc = {"format": 1, "status": "done", "inputs": {"num_layers": num_layers, "directions_sha256": file_hash(directions)},
+           "options": {"norm_preserve": True, "projected": True, "sparsity": 0.0, "targets": targets},
+           "validation": {"harmful": {"count": 6}},
+           "chosen": {"trial": 3, "refusals": 0, "kl": 0.01, "measurement": layers[0]["measurement"], "layers": layers}}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+@pytest.mark.parametrize("family,dtype", [("llama", "bfloat16"), ("gemma3", "float32"), ("qwen2_moe", "float32"),
+                                          ("mixtral", "bfloat16"), ("gpt_oss", "float32")])
+def test_in_memory_edit_equals_the_engines_on_disk_edit_bit_for_bit(family, dtype, tmp_path):
+    """plan --layers search + ablate on disk, reloaded, equals the live edit of the same settings."""
+    from transformers import AutoModelForCausalLM
+
+    from stages.edits import build_edits
+    from stages.live_edit import LiveEditor
+    from stages.modelio import read_config, text_config, weight_map
+    from stages.plan import LayerEdit
+    from stages.reduce import load_directions
+
+    base = tiny.make_model(family, tmp_path / "base", layers=3, dtype=dtype)
+    write_directions(tmp_path / "directions.safetensors", 3)
+    targets = ["attention", "mlp", "experts", "shared-experts"]
+    mlp = {"llama": ["mlp"], "gemma3": ["mlp"], "gpt_oss": ["experts"]}.get(family, ["experts", "shared-experts"])
+    mlp = [r for r in mlp if family != "mixtral" or r == "experts"]
+    layers = [{"layer": 0, "measurement": 1.3, "scale": 0.7, "sparsity": 0.0, "roles": ["attention"]},
+              {"layer": 1, "measurement": 1.3, "scale": 1.2, "sparsity": 0.0, "roles": ["attention"]},
+              {"layer": 1, "measurement": 1.3, "scale": 0.4, "sparsity": 0.0, "roles": mlp},
+              {"layer": 2, "measurement": 1.3, "scale": 1.0, "sparsity": 0.0, "roles": mlp}]
+    search = _fake_search(tmp_path / "search.json", tmp_path / "directions.safetensors", 3, layers, targets)
+    out = plan_and_ablate(base, tmp_path, layers="search", search=search, targets=",".join(targets))
+    settings = json.loads((tmp_path / "plan" / "_settings.json").read_text())
+    assert settings["search"]["trial"] == 3 and {e["measurement"] for e in settings["layers"]} == {1.3}
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
+    before = _state(model)
+    names, config = weight_map(base), text_config(read_config(base))
+    tensors, _ = load_directions(tmp_path / "directions.safetensors")
+    edits, _ = build_edits(base, names, config, tensors, [LayerEdit(**{**e, "roles": tuple(e["roles"])}) for e in layers],
+                           {"norm_preserve": True, "projected": True, "targets": targets},
+                           default=LayerEdit(-1, 1.3, 1.0, 0.0))
+    editor = LiveEditor(model, base, names, threads=2)
+    editor.apply(edits)
+    written = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).state_dict()
+    live = model.state_dict()
+    assert [k for k in live if not torch.equal(live[k], written[k])] == []
+    changed = [k for k in live if not torch.equal(live[k], before[k])]
+    assert changed and all(".layers." in k for k in changed)
+    editor.apply(edits[:1])  # a smaller trial restores the tensors it no longer edits
+    assert sum(not torch.equal(v, before[k]) for k, v in model.state_dict().items()) == 1
+    editor.restore()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    editor.close()
+
+
+def test_chosen_trial_respects_the_kl_budget(llama, tmp_path):
+    everything = _search(llama, tmp_path / "all", trials=8, startup_trials=8, kl_budget=1e9)
+    kls = sorted(t["kl"] for t in everything["trials"])
+    budget = kls[len(kls) // 2]
+    doc = _search(llama, tmp_path / "half", trials=8, startup_trials=8, kl_budget=budget)
+    assert [t["kl"] for t in doc["trials"]] == [t["kl"] for t in everything["trials"]]  # random startup: same trials
+    assert any(t["kl"] > budget for t in doc["trials"])
+    chosen = doc["chosen"]
+    assert chosen["kl"] <= budget
+    confirmed = [t for t in doc["trials"] if t["refusals"] is not None]
+    assert confirmed and all(t["kl"] <= budget for t in confirmed)
+    assert (chosen["refusals"], chosen["kl"]) == min((t["refusals"], t["kl"]) for t in confirmed)
+    front = {t["trial"] for t in doc["trials"] if t["pareto"]}
+    assert front == set(doc["pareto"]) and front
+    for t in doc["trials"]:  # nobody beats a front member in both objectives
+        if t["trial"] in front:
+            assert not any(o["refusals_proxy"] <= t["refusals_proxy"] and o["kl"] < t["kl"] for o in doc["trials"])
+    lines = (tmp_path / "half" / "search.csv").read_text().splitlines()
+    assert lines[0] == "trial,refusals,kl,pareto,confirmed" and len(lines) == 9
+
+
+def test_search_repeats_exactly_and_continues_its_journal(llama, tmp_path):
+    a = _search(llama, tmp_path / "a", trials=6, startup_trials=3, kl_budget=0.5)
+    b = _search(llama, tmp_path / "b", trials=6, startup_trials=3, kl_budget=0.5)
+    assert (tmp_path / "a" / "search.json").read_bytes() == (tmp_path / "b" / "search.json").read_bytes()
+    assert a["status"] == "done" and a["trials_run"] == 6
+    more = _search(llama, tmp_path / "a", trials=8, startup_trials=3, kl_budget=0.5)  # same journal: 2 more trials
+    assert more["trials_run"] == 8
+    assert [(t["params"], t["kl"]) for t in more["trials"][:6]] == [(t["params"], t["kl"]) for t in a["trials"]]
+    assert more["inputs"]["key"] == a["inputs"]["key"]
+    other = _search(llama, tmp_path / "a", trials=2, startup_trials=3, kl_budget=0.5, proxy_tokens=5)
+    assert other["inputs"]["key"] != a["inputs"]["key"] and other["trials_run"] == 2  # other inputs: a new study
+
+
+def test_searched_plan_writes_the_model_the_trial_scored(llama, tmp_path):
+    """The chosen trial, planned and ablated on disk, gives the KL and refusals the search measured."""
+    doc = _search(llama, tmp_path / "s", trials=4, startup_trials=4, kl_budget=1e9)
+    shutil.copy(llama / "directions.safetensors", tmp_path / "directions.safetensors")
+    out = plan_and_ablate(llama / "base", tmp_path, layers="search", search=tmp_path / "s" / "search.json")
+    from stages.modelio import load_model, load_tokenizer
+    from stages.prompts import render
+    from stages.validation import Scorer, split_validation
+
+    sets = split_validation(llama / "harmful.txt", llama / "harmless.txt", FAST["validation"])
+    tokenizer = load_tokenizer(llama / "base")
+    ids = [render(tokenizer, s) for s in (sets.harmful, sets.harmless)]
+    # loaded as evaluate loads it (load_model: no gradients, which also picks torch's kernels)
+    scorers = [Scorer(load_model(p, "float32", "cpu"), tokenizer, *ids, batch_size=8, device="cpu")
+               for p in (llama / "base", out)]
+    scorers[1].base = scorers[0].first_token_logprobs().double()
+    assert scorers[1].kl() == doc["chosen"]["kl"] > 0
+    assert sum(scorers[1].refusals(FAST["confirm_tokens"], stop_early=True)) == doc["chosen"]["refusals"]
+
+
+def test_ctrl_c_keeps_the_best_so_far(llama, tmp_path, monkeypatch):
+    from stages.search_run import Study
+
+    calls = []
+    original = Study.score
+
+    def interrupted_third(self, params):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, params)
+
+    monkeypatch.setattr(Study, "score", interrupted_third)
+    doc = _search(llama, tmp_path, trials=6, startup_trials=6, kl_budget=1e9)
+    assert doc["status"] == "interrupted" and doc["trials_run"] == 2 and doc["chosen"]["trial"] in (0, 1)
+    assert json.loads((tmp_path / "search.json").read_text())["status"] == "interrupted"
+    monkeypatch.setattr(Study, "score", original)
+    resumed = _search(llama, tmp_path, trials=4, startup_trials=6, kl_budget=1e9)
+    assert resumed["status"] == "done" and resumed["trials_run"] == 4
+
+
+def test_plan_refuses_a_search_made_with_other_settings(llama, tmp_path):
+    from stages.plan import plan
+
+    search = _fake_search(tmp_path / "search.json", llama / "directions.safetensors", 4,
+                          [{"layer": 1, "measurement": 2.5, "scale": 1.0, "sparsity": 0.0, "roles": ["attention"]}],
+                          ["attention", "mlp"])
+    common = (llama / "base", llama / "model.yaml", llama / "directions.safetensors", llama / "layers.json")
+    with pytest.raises(UserError, match="searched with projected True but ablate asks for False"):
+        plan(*common, tmp_path / "p", layers="search", search=search, projected=False, targets="attention,mlp")
+    with pytest.raises(UserError, match="searched with targets"):
+        plan(*common, tmp_path / "p", layers="search", search=search)
+    other = write_directions(tmp_path / "other.safetensors", 4, seed=5)
+    with pytest.raises(UserError, match="other directions"):
+        plan(llama / "base", llama / "model.yaml", other, llama / "layers.json", tmp_path / "p", layers="search",
+             search=search, targets="attention,mlp")
+    settings = plan(*common, tmp_path / "p", layers="search", search=search, targets="attention,mlp")
+    assert settings["layers"] == [{"layer": 1, "measurement": 2.5, "scale": 1.0, "sparsity": 0.0,
+                                   "roles": ["attention"]}]
+
+
+def test_search_refuses_targets_it_does_not_tune(llama, tmp_path):
+    with pytest.raises(UserError, match="tunes attention and MLP writers only"):
+        _search(llama, tmp_path, trials=2, targets="attention,router")
+    assert not (tmp_path / "search.json").exists()
