@@ -12,9 +12,11 @@ prompts of varied length, renders them with the chat template, then times, on th
 * ``baseline-sorted``: the same ``generate`` call on capture's length-sorted batches, to show how
   much of the gain is the batching and how much the forward pass itself.
 
-and prints the time ratios, plus the end-to-end ``capture()`` stage (model load and parquet
-included). Every measurement runs in a fresh subprocess; capture and the stage also run with 2N
-prompts, and their peak RSS shows whether memory grows with the prompt count.
+Timing runs in one process that loads the model once and, batch after batch, runs the three
+methods alternately, so that a busy machine slows all of them alike. It prints the time ratios.
+Peak memory: the ``capture()`` stage (model load, rendering, hooks, parquet) runs in a fresh
+subprocess with N and with 2N prompts, the naive baseline with N; their peak RSS shows whether
+memory grows with the prompt count.
 
     python bench/capture.py [--prompts 256] [--layers 12] [--hidden 512] [--batch-size 32] [--threads 2]
 """
@@ -97,29 +99,53 @@ def run_baseline(model, sequences, batch_size: int, pad_id: int, sort: bool = Fa
     return sum(k.shape[1] for k in kept)
 
 
-def child(args) -> None:
-    """One measurement in a fresh process: prints JSON {seconds, rows, peak_rss_mb}."""
+def timing(model_dir: Path, prompts: Path, batch_size: int) -> dict:
+    """Seconds of each method over the same prompts, measured batch by batch, alternating."""
     import torch
 
-    from stages.modelio import load_model
+    from stages.modelio import length_batches, load_model
+
+    tokenizer, sequences = token_lists(model_dir, prompts)
+    model = load_model(model_dir)
+    pad = tokenizer.pad_token_id
+    seconds = {"capture": 0.0, "baseline": 0.0, "baseline-sorted": 0.0}
+    sorted_batches = length_batches([len(s) for s in sequences], batch_size)
+    naive_batches = [list(range(i, min(i + batch_size, len(sequences)))) for i in range(0, len(sequences), batch_size)]
+    run_capture(model, sequences[:batch_size], batch_size, pad)  # warm-up
+    with torch.no_grad():
+        for sorted_batch, naive_batch in zip(sorted_batches, naive_batches):
+            for name, fn, batch in (("capture", run_capture, sorted_batch),
+                                    ("baseline-sorted", run_baseline, sorted_batch),
+                                    ("baseline", run_baseline, naive_batch)):
+                subset = [sequences[i] for i in batch]
+                started = time.perf_counter()
+                fn(model, subset, batch_size, pad)  # one batch: sorting inside changes nothing
+                seconds[name] += time.perf_counter() - started
+    return seconds
+
+
+def child(args) -> None:
+    """One measurement in a fresh process: prints JSON (times or seconds, rows, peak_rss_mb)."""
+    import torch
 
     torch.set_num_threads(args.threads)
     model_dir, prompts = Path(args.model_dir), Path(args.prompt_file)
+    if args.mode == "timing":
+        print(json.dumps(timing(model_dir, prompts, args.batch_size)))
+        return
     if args.mode == "stage":
         from stages.capture import capture
 
         started = time.perf_counter()
-        summary = capture(model_dir, str(prompts), Path(args.out), batch_size=args.batch_size)
-        seconds, rows = time.perf_counter() - started, summary["prompts"]
+        rows = capture(model_dir, str(prompts), Path(args.out), batch_size=args.batch_size)["prompts"]
     else:
+        from stages.modelio import load_model
+
         tokenizer, sequences = token_lists(model_dir, prompts)
         model = load_model(model_dir)
-        fn = {"capture": run_capture, "baseline": run_baseline,
-              "baseline-sorted": lambda *a: run_baseline(*a, sort=True)}[args.mode]
-        fn(model, sequences[: args.batch_size], args.batch_size, tokenizer.pad_token_id)  # warm-up
         started = time.perf_counter()
-        rows = fn(model, sequences, args.batch_size, tokenizer.pad_token_id)
-        seconds = time.perf_counter() - started
+        rows = run_baseline(model, sequences, args.batch_size, tokenizer.pad_token_id)
+    seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"seconds": seconds, "rows": rows, "peak_rss_mb": peak}))
 
@@ -142,8 +168,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=1, help="timing runs per mode (the fastest is kept)")
-    parser.add_argument("--child", choices=["capture", "baseline", "baseline-sorted", "stage"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["timing", "baseline", "stage"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--prompt-file", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="", help=argparse.SUPPRESS)
@@ -161,28 +186,20 @@ def main() -> None:
         large = make_prompts(tmp / "large.txt", 2 * args.prompts, seed=1)
         print(f"model: Llama-style, {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}; "
               f"{args.prompts} prompts, batch {args.batch_size}, {args.threads} threads")
-        modes = ("capture", "baseline", "baseline-sorted")
-        runs: dict = {mode: [] for mode in modes}
-        for _ in range(args.repeats):  # interleaved, so that a busy machine hurts every mode alike
-            for mode in modes:
-                runs[mode].append(measure(args, mode, small, tmp / "x.parquet"))
-        results = {mode: min(runs[mode], key=lambda r: r["seconds"]) for mode in modes}
-        results["capture-2x"] = measure(args, "capture", large, tmp / "x.parquet")
-        results["stage"] = measure(args, "stage", small, tmp / "stage.parquet")
-        results["stage-2x"] = measure(args, "stage", large, tmp / "stage2.parquet")
+        times = measure(args, "timing", small, tmp / "x.parquet")
+        memory = {"stage": measure(args, "stage", small, tmp / "stage.parquet"),
+                  "stage-2x": measure(args, "stage", large, tmp / "stage2.parquet"),
+                  "baseline": measure(args, "baseline", small, tmp / "x.parquet")}
 
-    cap = results["capture"]
-    print(f"capture  (hooks, sorted batches):   {cap['seconds']:7.2f} s  for {cap['rows']} prompts")
-    for mode in ("baseline", "baseline-sorted"):
-        r = results[mode]
-        print(f"{mode:<35} {r['seconds']:7.2f} s  -> capture is {r['seconds'] / cap['seconds']:.2f}x faster")
-    print(f"capture stage end to end (load + render + parquet): {results['stage']['seconds']:.2f} s")
-    print("peak RSS, MB          N prompts   2N prompts   growth")
-    for mode in ("capture", "stage"):
-        one, two = results[mode]["peak_rss_mb"], results[mode + "-2x"]["peak_rss_mb"]
-        print(f"  {mode:<18} {one:10.0f} {two:12.0f}   {two / one:6.2f}x")
-    for mode in ("baseline", "baseline-sorted"):
-        print(f"  {mode:<18} {results[mode]['peak_rss_mb']:10.0f}")
+    cap = times["capture"]
+    print(f"{'capture (hooks, length-sorted batches)':<48} {cap:8.2f} s")
+    for name, label in (("baseline", "generate, prompt-order batches (naive)"),
+                        ("baseline-sorted", "generate, the same length-sorted batches")):
+        print(f"{label:<48} {times[name]:8.2f} s   capture is {times[name] / cap:.2f}x faster")
+    print(f"capture stage end to end (load + render + hooks + parquet): {memory['stage']['seconds']:.2f} s")
+    one, two = memory["stage"]["peak_rss_mb"], memory["stage-2x"]["peak_rss_mb"]
+    print(f"peak RSS: capture stage {one:.0f} MB with {args.prompts} prompts, {two:.0f} MB with "
+          f"{2 * args.prompts} ({two / one:.2f}x); naive generate baseline {memory['baseline']['peak_rss_mb']:.0f} MB")
 
 if __name__ == "__main__":
     main()
