@@ -13,8 +13,14 @@ them, and its result is judged on the eval sets it never saw.
 * **damage**: mean over the harmless validation prompts of KL(base || trial) of the first answer
   token, full vocabulary, natural log (heretic's number); the base distributions are computed once.
 
-Everything runs batched (prompts of similar length together, left padding, KV cache while
-generating) through ``stages.generation``, the code ``baseline`` and ``evaluate`` use.
+Everything runs batched (prompts of similar length together, KV cache while generating). The
+rendered prompts share a long opening (the chat template's system block, e.g. 30 of SmolLM2's ~47
+tokens), so each trial runs that **shared prefix once** and the prompts' own tokens on top of its
+KV cache (padding sits between prefix and prompt, masked; positions count real tokens only): about
+half the work of a trial. The scorer checks once, on the base model, that this gives the same
+first-token distributions as whole prompts (mean KL below 1e-6) and otherwise runs whole prompts
+through ``stages.generation``, the code ``baseline`` and ``evaluate`` use. The confirmation answers
+always take that path (``greedy_generate``, early refusal stop).
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.cliutil import fail
+
+MIN_PREFIX = 4  # shared prefix tokens below which whole prompts are run
 
 
 @dataclass
@@ -64,9 +72,102 @@ class Scorer:
         self.eos = stop_ids(model, tokenizer)
         self.pad = int(tokenizer.pad_token_id)
         self.base = None  # [n, vocab] fp64 log-probabilities of the base model (set by remember_base)
+        everything = harmful_ids + harmless_ids
+        shortest = min(len(ids) for ids in everything)
+        prefix = 0
+        while prefix < shortest - 1 and all(ids[prefix] == everything[0][prefix] for ids in everything):
+            prefix += 1
+        self.prefix = everything[0][:prefix]  # shared by every prompt; at least one own token each
+        self.share = prefix >= MIN_PREFIX
+
+    # --- the shared prefix ------------------------------------------------------------------------
+
+    def _prefix_cache(self):
+        """KV cache of the shared prefix (one row), computed with the model as it is now."""
+        import torch
+
+        from stages.generation import _returned_cache
+
+        ids = torch.tensor([self.prefix], dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
+        return _returned_cache(out)
+
+    def _suffix_forward(self, prefix_cache, prompts: list[list[int]]):
+        """Run the prompts' own tokens on the prefix cache: (last logits [b, vocab], mask, next positions, cache)."""
+        import copy
+
+        import torch
+
+        from stages.generation import _cache_argument, _returned_cache
+
+        p = len(self.prefix)
+        suffixes = [ids[p:] for ids in prompts]
+        width = max(len(x) for x in suffixes)
+        ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
+        mask = torch.ones((len(prompts), p + width), dtype=torch.long)
+        positions = torch.full((len(prompts), width), p, dtype=torch.long)
+        for row, suffix in enumerate(suffixes):
+            ids[row, width - len(suffix):] = torch.tensor(suffix, dtype=torch.long)
+            mask[row, p:p + width - len(suffix)] = 0
+            positions[row, width - len(suffix):] = torch.arange(p, p + len(suffix))
+        cache = copy.deepcopy(prefix_cache)
+        cache.batch_repeat_interleave(len(prompts))
+        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=1, **{_cache_argument(self.model): cache})
+        return out.logits[:, -1, :], mask, positions[:, -1:] + 1, _returned_cache(out)
+
+    def _shared_logprobs(self):
+        import torch
+
+        from stages.modelio import length_batches
+
+        prefix_cache = self._prefix_cache()
+        rows = [None] * len(self.harmless_ids)
+        for batch in length_batches([len(x) for x in self.harmless_ids], self.batch_size):
+            logits, _, _, _ = self._suffix_forward(prefix_cache, [self.harmless_ids[i] for i in batch])
+            logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+            for k, i in enumerate(batch):
+                rows[i] = logprobs[k]
+        return torch.stack(rows)
+
+    def _shared_greedy(self, steps: int) -> list[list[int]]:
+        """``steps`` greedy tokens for every harmful prompt on the prefix cache (rows are not retired)."""
+        import torch
+
+        from stages.generation import _cache_argument, _returned_cache
+        from stages.modelio import length_batches
+
+        prefix_cache = self._prefix_cache()
+        answers: list[list[int]] = [[] for _ in self.harmful_ids]
+        argument = _cache_argument(self.model)
+        for batch in length_batches([len(x) for x in self.harmful_ids], self.batch_size):
+            logits, mask, positions, cache = self._suffix_forward(prefix_cache, [self.harmful_ids[i] for i in batch])
+            grown = [[] for _ in batch]
+            with torch.inference_mode():
+                for step in range(steps):
+                    tokens = logits.argmax(dim=-1)  # [b]
+                    for row, token in enumerate(tokens.tolist()):
+                        grown[row].append(token)
+                    if step == steps - 1:
+                        break
+                    mask = torch.cat([mask, mask.new_ones((len(batch), 1))], dim=1)
+                    out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
+                                     use_cache=True, **{argument: cache})
+                    logits, cache, positions = out.logits[:, -1, :], _returned_cache(out), positions + 1
+            for k, i in enumerate(batch):
+                answers[i] = grown[k]
+        return answers
 
     def first_token_logprobs(self):
         """``[n_harmless, vocab]`` fp32 log-probabilities of the first answer token."""
+        if self.share:
+            return self._shared_logprobs()
+        return self._whole_logprobs()
+
+    def _whole_logprobs(self):
         import torch
 
         from stages.generation import answer_logprobs
@@ -82,6 +183,15 @@ class Scorer:
         """Keep the base model's first-token distributions; returns their sha256 (pins the weights)."""
         import torch
 
+        whole = self._whole_logprobs()
+        if self.share:
+            try:
+                shared = self._shared_logprobs()
+                p = whole.double().exp()
+                gap = float((p * (whole.double() - shared.double())).sum(dim=1).mean())
+                self.share = abs(gap) < 1e-6
+            except Exception:  # a cache layout the prefix path does not handle: whole prompts then
+                self.share = False
         base = self.first_token_logprobs()
         self.base = base.to(torch.float64)
         return hashlib.sha256(base.numpy().tobytes()).hexdigest()
@@ -104,6 +214,13 @@ class Scorer:
         from stages.generation import answer_text, greedy_generate
         from stages.refusal import is_refusal
 
+        if self.share and not stop_early:
+            eos = set(self.eos)
+            texts = []
+            for ids in self._shared_greedy(max_new_tokens):
+                end = next((k for k, t in enumerate(ids) if t in eos), len(ids))
+                texts.append(self.tokenizer.decode(ids[:end], skip_special_tokens=True))
+            return [is_refusal(t) for t in texts]
         stop = None
         if stop_early:
             from stages.baseline import refusal_stop

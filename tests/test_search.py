@@ -278,3 +278,35 @@ def test_search_refuses_targets_it_does_not_tune(llama, tmp_path):
     with pytest.raises(UserError, match="tunes attention and MLP writers only"):
         _search(llama, tmp_path, trials=2, targets="attention,router")
     assert not (tmp_path / "search.json").exists()
+
+
+def test_shared_prefix_scoring_matches_whole_prompts(llama):
+    """Trials run the prompts' common opening once; KL and verdicts match running whole prompts."""
+    from stages.modelio import load_model, load_tokenizer
+    from stages.prompts import render
+    from stages.validation import Scorer, split_validation
+
+    sets = split_validation(llama / "harmful.txt", llama / "harmless.txt", 6)
+    tokenizer = load_tokenizer(llama / "base")
+    ids = [render(tokenizer, s, system_prompt="You are a careful assistant.") for s in (sets.harmful, sets.harmless)]
+    model = load_model(llama / "base", "float32", "cpu")
+    shared, whole = (Scorer(model, tokenizer, *ids, batch_size=4, device="cpu") for _ in range(2))
+    whole.share = False
+    assert shared.share and len(shared.prefix) > 30
+    shared.remember_base()
+    whole.remember_base()
+    assert shared.share  # the check on the base model passed
+    assert torch.allclose(shared.base, whole.base, atol=1e-5)
+    with torch.no_grad():  # perturb the model: both paths see the same edited weights
+        model.model.layers[1].self_attn.o_proj.weight.mul_(1.5)
+    assert shared.kl() == pytest.approx(whole.kl(), rel=2e-3) and shared.kl() > 0  # fp32 noise of a small KL
+    assert shared.refusals(6) == whole.refusals(6)
+    assert shared._shared_greedy(6) == [a[:6] for a in _whole_greedy(whole, 6)]
+
+
+def _whole_greedy(scorer, steps):
+    from stages.generation import greedy_generate
+
+    answers = greedy_generate(scorer.model, scorer.harmful_ids, max_new_tokens=steps, eos_ids=[], pad_id=scorer.pad,
+                              batch_size=scorer.batch_size, device="cpu")
+    return [a.ids for a in answers]
