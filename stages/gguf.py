@@ -116,6 +116,9 @@ def save_folder(model, tokenizer, out: str | Path, max_shard_size: str) -> None:
             fail(f"max shard size {max_shard_size!r} is not valid ({exc}); use a size such as 100MB or 2GB")
         raise
     tokenizer.save_pretrained(out)
+    for path in out.iterdir():  # some files are written through private temp files (mode 0600)
+        if path.is_file():
+            path.chmod(0o644)
 
 
 def convert_gguf(gguf_file: Path, out: Path, max_shard_size: str) -> None:
