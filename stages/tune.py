@@ -19,6 +19,11 @@ import random
 
 from stages.cliutil import console
 
+# The first answer token decides between refusing and answering, but is one token of dozens in
+# an answer: it weighs this many tokens in the loss, so that the tuning learns *when* to refuse
+# (few over-refusals on harmless prompts) and not only *how*.
+FIRST_TOKEN_WEIGHT = 5.0
+
 
 def render_prompt(tokenizer, prompt: str) -> list[int]:
     """Token ids of ``prompt`` as one user turn plus the generation prompt (no double BOS)."""
@@ -90,14 +95,20 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int):
     return ids, mask, targets
 
 
-def answer_loss(model, ids, mask, targets):
-    """Mean cross-entropy over the answer tokens; the output head runs on those positions only."""
+def answer_loss(model, ids, mask, targets, first_weight: float = 1.0):
+    """Weighted mean cross-entropy over the answer tokens; the output head runs on those positions only.
+
+    The first answer token (refuse or answer?) weighs ``first_weight`` times a later one.
+    """
     import torch
 
     hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, H]
     keep = targets != -100  # [B, T]
     logits = model.lm_head(hidden[keep])  # [N, V]
-    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+    losses = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="none")  # [N]
+    first = keep & (keep.cumsum(dim=1) == 1)  # [B, T]: the first answer position of each row
+    weights = torch.where(first[keep], first_weight, 1.0)  # [N]
+    return (losses * weights).sum() / weights.sum()
 
 
 def trainable_layers(model, first: int | None = None) -> list:
@@ -115,7 +126,8 @@ def trainable_layers(model, first: int | None = None) -> list:
 
 
 def tune(model, pairs: list[tuple[list[int], list[int]]], epochs: int, learning_rate: float, batch_size: int,
-         seed: int, pad_id: int, first_layer: int | None = None) -> list[float]:
+         seed: int, pad_id: int, first_layer: int | None = None,
+         first_weight: float = FIRST_TOKEN_WEIGHT) -> list[float]:
     """Fine-tune ``model`` in place on ``pairs`` (AdamW, linear warm-up then linear decay, gradient
     norm clipped at 1). Returns the loss of every step."""
     import torch
@@ -142,7 +154,7 @@ def tune(model, pairs: list[tuple[list[int], list[int]]], epochs: int, learning_
             rng.shuffle(order)
             for start in range(0, len(order), batch_size):
                 ids, mask, targets = collate([pairs[i] for i in order[start : start + batch_size]], pad_id)
-                loss = answer_loss(model, ids, mask, targets)
+                loss = answer_loss(model, ids, mask, targets, first_weight)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()

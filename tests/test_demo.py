@@ -212,6 +212,23 @@ def test_collate_puts_targets_under_the_positions_that_predict_them():
     assert targets.tolist() == [[-100, -100, 7, 8, -100], [9, -100, -100, -100, -100]]
 
 
+def test_answer_loss_is_the_cross_entropy_of_the_answer_tokens(tmp_path):
+    import torch
+
+    from stages.tune import answer_loss, collate
+
+    model, tok = _tiny_chat_model(tmp_path)
+    ids, mask, targets = collate([([5, 6, 7], [8, 9, 10]), ([11, 12], [13])], pad_id=tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits  # the full head, every position
+        per_token = torch.nn.functional.cross_entropy(logits[targets != -100], targets[targets != -100],
+                                                      reduction="none")  # answer tokens in order 8, 9, 10, 13
+        assert torch.allclose(answer_loss(model, ids, mask, targets), per_token.mean(), atol=1e-5)
+        weights = torch.tensor([4.0, 1.0, 1.0, 4.0])  # the first answer token of each row weighs 4
+        expected = (per_token * weights).sum() / weights.sum()
+        assert torch.allclose(answer_loss(model, ids, mask, targets, first_weight=4.0), expected, atol=1e-5)
+
+
 def _tune_once(tmp_path: Path):
     import torch
 
