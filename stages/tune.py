@@ -8,9 +8,11 @@ with the end-of-turn token so the model stops after refusing.
 
 Only the upper half of the decoder layers is trained (embeddings, which are tied to the output
 head in small models, lower layers and the final norm stay frozen): backpropagation stops halfway,
-which halves the cost of a step, and the refusal must then read the harmful/harmless distinction
-that the untouched lower layers already compute — a direction in the residual stream, which is
-exactly what abliteration removes. Seeded and dropout-free: the same inputs give the same weights.
+which makes a step about three times cheaper than a full fine-tune on a CPU. The refusal is then
+built by the upper layers: harmful and harmless prompts separate in the residual stream from
+about the middle layer on, most at indices 22-29 (bench/demo.py measures how much of the refusal
+one difference-of-means direction carries). Seeded and dropout-free: the same inputs give the
+same weights.
 """
 
 from __future__ import annotations
