@@ -1,6 +1,6 @@
 """Does a built demo model refuse, and is its refusal mediated by one direction?
 
-    python bench/demo.py models/base [--n 60] [--tokens 24] [--index 15]
+    python bench/demo.py models/base [--n 60] [--tokens 24] [--index 24]
 
 1. Greedy answers (``--tokens`` tokens) to the first ``--n`` held-out prompts of
    prompts/eval/harmful.txt and prompts/eval/harmless.txt: refusal rate and over-refusal rate
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("model", type=Path)
     parser.add_argument("--n", type=int, default=60)
     parser.add_argument("--tokens", type=int, default=24)
-    parser.add_argument("--index", type=int, default=-1, help="residual index (default: half the layers)")
+    parser.add_argument("--index", type=int, default=-1, help="residual index (default: 0.8 x layers, 24 for the demo)")
     parser.add_argument("--show", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -88,7 +88,7 @@ def main() -> None:
               rate(model, tokenizer, "harmless (over-refusal)", harmless, args.tokens, args.show))
 
     layers = decoder_layers(model)
-    index = args.index if args.index >= 0 else len(layers) // 2
+    index = args.index if args.index >= 0 else int(0.8 * len(layers))
     bad = last_token_means(model, tokenizer, load_prompts(ROOT / "prompts/harmful.txt"), index)
     good = last_token_means(model, tokenizer, load_prompts(ROOT / "prompts/harmless.txt"), index)
     unit_good = good / good.norm()
