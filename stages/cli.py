@@ -7,7 +7,6 @@ name, so ``abliterate capture --help`` and ``python -m stages.capture --help`` s
 from __future__ import annotations
 
 import importlib
-import importlib.util
 
 from stages.cliutil import new_app, run_app
 
@@ -32,8 +31,6 @@ COMMANDS = {
 app = new_app("Find the refusal direction of a language model and write a copy that cannot express it.")
 
 for _name, _module in COMMANDS.items():
-    if importlib.util.find_spec(f"stages.{_module}") is None:  # still being written
-        continue
     _mod = importlib.import_module(f"stages.{_module}")
     app.command(_name, help=_mod.main.__doc__)(_mod.main)
 
