@@ -10,12 +10,6 @@ changing ``ablate.layers`` so that one shard's edits change reruns only that sha
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,12 +18,12 @@ from safetensors.torch import load_file
 
 import tiny
 from ablation_util import plan_and_ablate
+from dvc_project import dvc, environment, make_project, set_params, stages_run
 from stages import safetensors_io
 from stages.ablate import ablate_shard, app, load_plan
 from stages.cliutil import run_app
 from stages.finalize import finalize
 
-REPO = Path(__file__).resolve().parents[1]
 MEASURING = {"base", "capture@harmful", "capture@harmless", "reduce", "score"}
 
 
@@ -127,30 +121,12 @@ def test_finalize_refuses_the_base_folder_and_a_missing_plan(ablated, tmp_path):
 # --- DVC ---------------------------------------------------------------------------------------
 
 
-def _env(tmp: Path) -> dict:
-    env = dict(os.environ, DVC_NO_ANALYTICS="1", DVC_SITE_CACHE_DIR=str(tmp / "dvc-site"), HF_HUB_OFFLINE="1",
-               HF_HOME=str(tmp / "hf"), OMP_NUM_THREADS="2", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com",
-               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com")
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env.pop("PYTHONPATH", None)
-    return env
-
-
-def _run(cmd, cwd, env):
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout}\n{result.stderr}"
-    return result
-
-
 def _repro(root, env) -> set[str]:
-    result = _run([sys.executable, "-m", "dvc", "repro", "finalize", "ablate", "carry"], root, env)
-    return set(re.findall(r"Running stage '([^']+)'", result.stdout + result.stderr))
+    return stages_run(dvc(root, env, "repro", "finalize", "ablate", "carry"))
 
 
 def _set_ablate(root, **values):
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["ablate"].update(values)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    set_params(root / "params.yaml", **{f"ablate.{key}": value for key, value in values.items()})
 
 
 def _edited_shards(root) -> dict[str, set]:
@@ -161,25 +137,9 @@ def _edited_shards(root) -> dict[str, set]:
 
 @pytest.mark.slow
 def test_dvc_reruns_only_what_an_ablate_change_touches(tmp_path):
-    from measure_helpers import HARMFUL, HARMLESS, write_lines
-
-    env = _env(tmp_path)
+    env = environment(tmp_path)
     model = tiny.make_model("llama", tmp_path / "source", layers=3)
-    root = tmp_path / "repo"
-    root.mkdir()
-    for name in ("dvc.yaml", "params.yaml", "model.yaml", ".gitignore", ".dvcignore"):
-        if (REPO / name).exists():
-            shutil.copy(REPO / name, root / name)
-    shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
-    write_lines(root / "prompts" / "demo" / "placeholder.txt", ["x"])
-    write_lines(root / "prompts" / "harmful.txt", HARMFUL)
-    write_lines(root / "prompts" / "harmless.txt", HARMLESS)
-    _run(["git", "init", "-q"], root, env)
-    _run([sys.executable, "-m", "dvc", "init", "-q"], root, env)
-    _run([sys.executable, "-m", "stages.use", str(model)], root, env)
-    _set_ablate(root, layers="1", targets="attention")
-    _run(["git", "add", "-A"], root, env)
-    _run(["git", "commit", "-qm", "tiny"], root, env)
+    root = make_project(tmp_path, model, env, params={"ablate.layers": "1", "ablate.targets": "attention"})
 
     first = _repro(root, env)
     shards = _edited_shards(root)

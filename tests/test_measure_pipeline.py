@@ -9,75 +9,22 @@ shares everything (push, clone, pull: nothing to rerun); a failing `use` changes
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from tests import tiny
-from tests.measure_helpers import HARMFUL, HARMLESS, REPO, write_lines
+from tests.dvc_project import HARMLESS, dvc, environment, git, make_project, run, set_params, stages_run, write_lines
+from tests.dvc_project import stale as _stale
 
 pytestmark = pytest.mark.slow
 
 MEASURING = {"base", "capture@harmful", "capture@harmless", "reduce", "score"}
 
 
-def environment(tmp: Path) -> dict:
-    env = dict(os.environ)
-    env.update({
-        "DVC_NO_ANALYTICS": "1",
-        "DVC_SITE_CACHE_DIR": str(tmp / "dvc-site"),
-        "PATH": str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
-        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
-        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
-        "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp / "hf"),
-        "OMP_NUM_THREADS": "2",
-    })
-    env.pop("PYTHONPATH", None)  # stages/ must come from the repository under test
-    return env
-
-
-def run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def dvc(root: Path, env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "dvc", *args], root, env, check)
-
-
-def git(root: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
-    return run(["git", *args], root, env)
-
-
-def stages_run(result: subprocess.CompletedProcess) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", result.stdout + result.stderr))
-
-
 def stale(root: Path, env: dict) -> dict:
-    """`dvc status --json` of score and everything it depends on ({} = up to date)."""
-    return json.loads(dvc(root, env, "status", "--json", "--with-deps", "score").stdout or "{}")
-
-
-def set_param(path: Path, group: str, key: str, value) -> None:
-    """Edit one key of params.yaml as a user would (comments kept)."""
-    import io
-
-    from ruamel.yaml import YAML
-
-    yaml = YAML()
-    data = yaml.load(path.read_text())
-    assert data[group][key] != value
-    data[group][key] = value
-    buffer = io.StringIO()
-    yaml.dump(data, buffer)
-    path.write_text(buffer.getvalue())
+    return _stale(root, env, "score")
 
 
 def file_state(folder: Path) -> dict:
@@ -89,28 +36,7 @@ def project(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
     env = environment(tmp)
     model = tiny.make_model("llama", tmp / "source-model", layers=3)
-    root = tmp / "repo"
-    root.mkdir()
-    for name in ("dvc.yaml", "params.yaml", "model.yaml", ".gitignore", ".dvcignore", "pyproject.toml"):
-        if (REPO / name).exists():
-            shutil.copy(REPO / name, root / name)
-    shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
-    if not (root / "stages" / "demo.py").exists():  # a dependency of `base` only
-        (root / "stages" / "demo.py").write_text('"""placeholder"""\n')
-    if (REPO / "prompts" / "demo").is_dir() and any((REPO / "prompts" / "demo").iterdir()):
-        shutil.copytree(REPO / "prompts" / "demo", root / "prompts" / "demo")
-    else:
-        write_lines(root / "prompts" / "demo" / "placeholder.txt", ["x"])
-    write_lines(root / "prompts" / "harmful.txt", HARMFUL)
-    write_lines(root / "prompts" / "harmless.txt", HARMLESS)
-    git(root, env, "init", "-q")
-    dvc(root, env, "init", "-q")
-    dvc(root, env, "config", "cache.type", "reflink,hardlink,symlink,copy")
-    dvc(root, env, "config", "core.analytics", "false")
-    # capture.device/dtype stay at their defaults (auto -> cpu, float32)
-    run([sys.executable, "-m", "stages.use", str(model)], root, env)
-    git(root, env, "add", "-A")
-    git(root, env, "commit", "-qm", "pipeline on a tiny model")
+    root = make_project(tmp, model, env)
     before = file_state(model)
     first = dvc(root, env, "repro", "score")
     return {"root": root, "env": env, "model": model, "tmp": tmp, "first": first, "source_before": before}
@@ -134,7 +60,7 @@ def test_repro_then_reruns_only_what_changed(project):
     assert stages_run(dvc(root, env, "repro", "score")) == {"capture@harmless", "reduce", "score"}
 
     # a reduce.* key: neither capture reruns
-    set_param(root / "params.yaml", "reduce", "projected", True)
+    set_params(root / "params.yaml", **{"reduce.projected": True})
     assert set(stale(root, env)) == {"reduce"}
     assert stages_run(dvc(root, env, "repro", "score")) == {"reduce", "score"}
     assert stale(root, env) == {}
