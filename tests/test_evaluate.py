@@ -20,14 +20,7 @@ HARMLESS = ["How do I kill a stuck process?", "What is the capital of France?", 
 SETTINGS = dict(max_new_tokens=10, kl_tokens=4, batch_size=3, dtype="float32", device="cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,7 @@ from tests.tiny import make_model
 TEXTS = ["hello there", "a", "what is the capital of france?", "xyz xyz", "tell me a story about a cat"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["llama", "gemma3", "qwen3_next"])
