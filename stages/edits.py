@@ -160,7 +160,8 @@ def measured_direction(directions: dict, m: float):
     if f"direction.{low + 1}" not in directions:
         fail(f"measurement {value} lies past the last residual index {low}; use an index 0..{low}")
     mixed = (1.0 - t) * measured(low)[1] + t * measured(low + 1)[1]
-    harmless = (1.0 - t) * directions[f"harmless_mean.{low}"].double() + t * directions[f"harmless_mean.{low + 1}"].double()
+    means = (directions[f"harmless_mean.{low}"].double(), directions[f"harmless_mean.{low + 1}"].double())
+    harmless = (1.0 - t) * means[0] + t * means[1]
     return mixed, harmless
 
 

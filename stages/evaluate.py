@@ -254,14 +254,16 @@ def render_report(rows: dict, meta: dict, after_text, before_why, after_why, kl_
         "",
         f"| metric | base |{label} ablated |", f"|---|---:|{align}---:|",
         f"| refusal rate (harmful) | {pct('harmful', 'refusal_rate_before', before_why)} |"
-        f"{other_pct('harmful', 'refusal_rate_after') if o else ''} {pct('harmful', 'refusal_rate_after', after_why)} |",
+        f"{other_pct('harmful', 'refusal_rate_after') if o else ''} "
+        f"{pct('harmful', 'refusal_rate_after', after_why)} |",
         f"| over-refusal rate (harmless) | {pct('harmless', 'over_refusal_rate_before', before_why)} |"
         f"{other_pct('harmless', 'over_refusal_rate_after') if o else ''} "
         f"{pct('harmless', 'over_refusal_rate_after', after_why)} |",
         f"| empty answers (counted as refusals) | {m['empty_answers_before']} |"
         f"{other_num('empty_answers_after', 'd') if o else ''} {m['empty_answers_after']} |", "",
         f"| KL(base ‖ ablated), nats |{label} mean |", f"|---|{align}---:|",
-        f"| first answer token, full vocabulary |{other_num('kl_first_token') if o else ''} {m['kl_first_token']:.6g} |",
+        f"| first answer token, full vocabulary |{other_num('kl_first_token') if o else ''} "
+        f"{m['kl_first_token']:.6g} |",
         f"| per token along the base answer (first {meta['kl_tokens']} tokens, top-{meta['top_k']} + rest) |"
         f"{other_num('kl_answer') if o else ''} {m['kl_answer']:.6g} |", "",
     ]

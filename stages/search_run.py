@@ -191,9 +191,9 @@ class Study:
         pick = min(ranked, key=lambda t: (confirmed.get(t.number, t.values[0]), t.values[1], t.number), default=None)
         chosen = None
         if pick is not None:
-            chosen = {"trial": pick.number, "refusals": confirmed.get(pick.number), "refusals_proxy": int(pick.values[0]),
-                      "kl": float(pick.values[1]), "params": dict(sorted(pick.params.items())),
-                      "measurement": float(pick.params["measurement"]),
+            chosen = {"trial": pick.number, "refusals": confirmed.get(pick.number),
+                      "refusals_proxy": int(pick.values[0]), "kl": float(pick.values[1]),
+                      "params": dict(sorted(pick.params.items())), "measurement": float(pick.params["measurement"]),
                       "layers": [layer_edit_dict(e) for e in self.layer_edits(pick.params)]}
         return {
             "format": format_, "status": "interrupted" if interrupted else "done", "trials_requested": trials,

@@ -43,7 +43,8 @@ def ranges(num_layers: int) -> dict[str, tuple[float, float]]:
 
 def suggest(trial, num_layers: int) -> dict[str, float]:
     """Ask an Optuna trial for one point of the space (names sorted, so the order is fixed)."""
-    return {name: float(trial.suggest_float(name, low, high)) for name, (low, high) in sorted(ranges(num_layers).items())}
+    space = sorted(ranges(num_layers).items())
+    return {name: float(trial.suggest_float(name, low, high)) for name, (low, high) in space}
 
 
 def component_roles(targets) -> dict[str, tuple[str, ...]]:

@@ -116,7 +116,8 @@ def test_fractional_measurement_interpolates_the_unit_directions(llama):
     mixed, harmless = measured_direction(tensors, 2.25)
     expected = 0.75 * a / a.norm() + 0.25 * b / b.norm()
     assert torch.allclose(mixed, expected, atol=1e-12)
-    assert torch.allclose(harmless, 0.75 * tensors["harmless_mean.2"].double() + 0.25 * tensors["harmless_mean.3"].double())
+    means = [tensors[f"harmless_mean.{i}"].double() for i in (2, 3)]
+    assert torch.allclose(harmless, 0.75 * means[0] + 0.25 * means[1])
     whole, whole_harmless = measured_direction(tensors, 2)
     assert whole is tensors["unit.2"] and whole_harmless is tensors["harmless_mean.2"]  # whole indices: unchanged
 
@@ -124,7 +125,8 @@ def test_fractional_measurement_interpolates_the_unit_directions(llama):
 def _fake_search(path: Path, directions: Path, num_layers: int, layers: list[dict], targets: list[str]) -> Path:
     from stages.prompts import file_hash
 
-    doc = {"format": 1, "status": "done", "inputs": {"num_layers": num_layers, "directions_sha256": file_hash(directions)},
+    inputs = {"num_layers": num_layers, "directions_sha256": file_hash(directions)}
+    doc = {"format": 1, "status": "done", "inputs": inputs,
            "options": {"norm_preserve": True, "projected": True, "sparsity": 0.0, "targets": targets},
            "validation": {"harmful": {"count": 6}},
            "chosen": {"trial": 3, "refusals": 0, "kl": 0.01, "measurement": layers[0]["measurement"], "layers": layers}}
@@ -162,8 +164,9 @@ def test_in_memory_edit_equals_the_engines_on_disk_edit_bit_for_bit(family, dtyp
     before = _state(model)
     names, config = weight_map(base), text_config(read_config(base))
     tensors, _ = load_directions(tmp_path / "directions.safetensors")
-    edits, _ = build_edits(base, names, config, tensors, [LayerEdit(**{**e, "roles": tuple(e["roles"])}) for e in layers],
-                           {"norm_preserve": True, "projected": True, "targets": targets},
+    settings = [LayerEdit(**{**e, "roles": tuple(e["roles"])}) for e in layers]
+    edits, _ = build_edits(base, names, config, tensors, settings, {"norm_preserve": True, "projected": True,
+                                                                     "targets": targets},
                            default=LayerEdit(-1, 1.3, 1.0, 0.0))
     editor = LiveEditor(model, base, names, threads=2)
     editor.apply(edits)
