@@ -58,8 +58,9 @@ def write_outputs(doc: dict, out: Path, plot: Path) -> None:
 
     lines = ["trial,refusals,kl,pareto,confirmed"]
     for t in doc.get("trials", []):
+        proxy = "" if t["refusals_proxy"] is None else str(t["refusals_proxy"])  # not answered: KL far too high
         confirmed = "" if t["refusals"] is None else str(t["refusals"])
-        lines.append(f"{t['trial']},{t['refusals_proxy']},{t['kl']!r},{int(t['pareto'])},{confirmed}")
+        lines.append(f"{t['trial']},{proxy},{t['kl']!r},{int(t['pareto'])},{confirmed}")
     write_text(plot, "\n".join(lines) + "\n")
     write_json(out, doc)
 

@@ -5,6 +5,11 @@ model once, remembers the base model's first-token distributions and refusals, a
 trial, builds the edits with ``stages.edits.build_edits`` (what ``plan`` runs), applies them with
 ``stages.live_edit.LiveEditor`` (what ``ablate`` computes), and scores them with
 ``stages.validation.Scorer``.
+
+A trial whose KL exceeds :data:`SKIP_FACTOR` times the budget is infeasible whatever it refuses, so
+its harmful prompts are not answered: it is told to the sampler as refusing every prompt and is
+recorded with ``refusals_proxy: null`` (left out of the Pareto front). This saves most of the cost
+of the trials the sampler spends outside the budget.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import json
 from pathlib import Path
 
 from stages.cliutil import console, fail
+
+SKIP_FACTOR = 2.0  # trials with KL above this many times the budget are not answered
 
 
 class Study:
@@ -105,10 +112,12 @@ class Study:
                                self.options, default=default)
         self.editor.apply(edits)
 
-    def score(self, params: dict) -> tuple[int, float]:
-        """(proxy refusals, first-token KL) of one point of the space."""
+    def score(self, params: dict) -> tuple[int | None, float]:
+        """(proxy refusals, first-token KL) of one point of the space; refusals None if not measured."""
         self.apply(params)
         kl = self.scorer.kl()
+        if kl > SKIP_FACTOR * self.kl_budget:
+            return None, kl
         return sum(self.scorer.refusals(self.proxy_tokens)), kl
 
     def completed(self, limit: int | None = None) -> list:
@@ -144,13 +153,15 @@ class Study:
                     trial = self.study.ask()
                     refusals, kl = self.score(suggest(trial, self.num_layers))
                     trial.set_constraint("kl_budget", kl - self.kl_budget)  # feasible: <= 0
-                    self.study.tell(trial, [refusals, kl])
+                    trial.set_user_attr("answered", refusals is not None)
+                    self.study.tell(trial, [n if refusals is None else refusals, kl])
                 except KeyboardInterrupt:
                     if trial is not None and trial.number not in {t.number for t in self.completed()}:
                         self.study.tell(trial, state=TrialState.FAIL)
                     self.log.print("search: interrupted; keeping the best trial so far")
                     return True
-                if kl <= self.kl_budget and (best is None or (refusals, kl, trial.number) < best):
+                if refusals is not None and kl <= self.kl_budget and (best is None or (refusals, kl, trial.number)
+                                                                        < best):
                     best = (refusals, kl, trial.number)
                     if not self.log.is_terminal:
                         self.log.print(f"search: trial {trial.number}: {self._best_text(best, n)}")
@@ -185,7 +196,8 @@ class Study:
         from stages.search_space import pareto_front, ranges
 
         done = self.completed(trials)
-        front = pareto_front({t.number: (t.values[0], t.values[1]) for t in done})
+        answered = {t.number for t in done if t.user_attrs.get("answered", True)}
+        front = pareto_front({t.number: (t.values[0], t.values[1]) for t in done if t.number in answered})
         inside = [t for t in done if t.values[1] <= self.kl_budget]
         ranked = [t for t in inside if t.number in confirmed] or inside
         pick = min(ranked, key=lambda t: (confirmed.get(t.number, t.values[0]), t.values[1], t.number), default=None)
@@ -206,7 +218,8 @@ class Study:
                          "confirm_tokens": confirm_tokens, "confirm_top": confirm_top},
             "validation": self.sets.info, "space": {k: list(v) for k, v in ranges(self.num_layers).items()},
             "base": {"refusals": self.base_confirmed, "refusals_proxy": self.base_proxy},
-            "trials": [{"trial": t.number, "refusals_proxy": int(t.values[0]), "kl": float(t.values[1]),
+            "trials": [{"trial": t.number, "kl": float(t.values[1]),
+                        "refusals_proxy": int(t.values[0]) if t.number in answered else None,
                         "refusals": confirmed.get(t.number), "pareto": t.number in front,
                         "params": dict(sorted(t.params.items()))} for t in done],
         }

@@ -196,11 +196,29 @@ def test_chosen_trial_respects_the_kl_budget(llama, tmp_path):
     assert (chosen["refusals"], chosen["kl"]) == min((t["refusals"], t["kl"]) for t in confirmed)
     front = {t["trial"] for t in doc["trials"] if t["pareto"]}
     assert front == set(doc["pareto"]) and front
-    for t in doc["trials"]:  # nobody beats a front member in both objectives
+    answered = [t for t in doc["trials"] if t["refusals_proxy"] is not None]
+    assert all((t["refusals_proxy"] is None) == (t["kl"] > 2 * budget) for t in doc["trials"])
+    for t in answered:  # nobody beats a front member in both objectives
         if t["trial"] in front:
-            assert not any(o["refusals_proxy"] <= t["refusals_proxy"] and o["kl"] < t["kl"] for o in doc["trials"])
+            assert not any(o["refusals_proxy"] <= t["refusals_proxy"] and o["kl"] < t["kl"] for o in answered)
     lines = (tmp_path / "half" / "search.csv").read_text().splitlines()
     assert lines[0] == "trial,refusals,kl,pareto,confirmed" and len(lines) == 9
+
+
+def test_trials_far_over_the_budget_are_not_answered(llama, tmp_path, monkeypatch):
+    from stages.plan import plan
+    from stages.validation import Scorer
+
+    answered = []
+    original = Scorer.refusals
+    monkeypatch.setattr(Scorer, "refusals", lambda self, *a, **k: answered.append(a) or original(self, *a, **k))
+    doc = _search(llama, tmp_path, trials=4, startup_trials=4, kl_budget=1e-12)
+    assert doc["chosen"] is None and all(t["refusals_proxy"] is None and not t["pareto"] for t in doc["trials"])
+    assert answered == [(FAST["proxy_tokens"],), (FAST["confirm_tokens"],)]  # only the base model answered
+    assert (tmp_path / "search.csv").read_text().splitlines()[1].split(",")[1] == ""
+    with pytest.raises(UserError, match="no trial in .* kept the first-token KL within search.kl-budget"):
+        plan(llama / "base", llama / "model.yaml", llama / "directions.safetensors", llama / "layers.json",
+             tmp_path / "plan", layers="search", search=tmp_path / "search.json")
 
 
 def test_search_repeats_exactly_and_continues_its_journal(llama, tmp_path):
