@@ -111,6 +111,9 @@ class Study:
         edits, _ = build_edits(self.model_dir, self.names, self.config, self.tensors, self.layer_edits(params),
                                self.options, default=default)
         self.editor.apply(edits)
+        # the layers below the lowest edited one compute what the base model computed (stages.replay)
+        self.scorer.unchanged = min((-1 if e["layer"] is None else e["layer"] for e in edits), default=self.num_layers)
+        self.scorer.unchanged = max(self.scorer.unchanged, 0)
 
     def score(self, params: dict) -> tuple[int | None, float]:
         """(proxy refusals, first-token KL) of one point of the space; refusals None if not measured."""
@@ -178,6 +181,7 @@ class Study:
         confirmed: dict[int, int] = {}
         try:
             self.editor.restore()
+            self.scorer.unchanged = self.num_layers
             self.base_confirmed = sum(self.scorer.refusals(tokens, stop_early=True))
             inside = [t for t in self.completed() if t.values[1] <= self.kl_budget]
             for t in sorted(inside, key=lambda t: (t.values[0], t.values[1], t.number))[:top]:

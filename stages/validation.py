@@ -34,6 +34,12 @@ from stages.cliutil import fail
 MIN_PREFIX = 4  # shared prefix tokens below which whole prompts are run
 
 
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
 @dataclass
 class ValidationSet:
     harmful: list[str]
@@ -79,6 +85,9 @@ class Scorer:
             prefix += 1
         self.prefix = everything[0][:prefix]  # shared by every prompt; at least one own token each
         self.share = prefix >= MIN_PREFIX
+        self.replay = None  # stages.replay.Replay of the base model's bottom layers (remember_base)
+        self.unchanged = 0  # bottom layers the current trial leaves as in the base model (set by the caller)
+        self._recording = False
 
     # --- the shared prefix ------------------------------------------------------------------------
 
@@ -93,8 +102,10 @@ class Scorer:
             out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
         return _returned_cache(out)
 
-    def _suffix_forward(self, prefix_cache, prompts: list[list[int]]):
-        """Run the prompts' own tokens on the prefix cache: (last logits [b, vocab], mask, next positions, cache)."""
+    def _suffix_forward(self, prefix_cache, prompts: list[list[int]], key=None):
+        """Run the prompts' own tokens on the prefix cache: (last logits [b, vocab], mask, next positions, cache).
+
+        ``key`` names the batch for the replay of unchanged bottom layers (``stages.replay``)."""
         import copy
 
         import torch
@@ -114,10 +125,19 @@ class Scorer:
         cache = copy.deepcopy(prefix_cache)
         cache.batch_repeat_interleave(len(prompts))
         ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
-        with torch.inference_mode():
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             logits_to_keep=1, **{_cache_argument(self.model): cache})
-        return out.logits[:, -1, :], mask, positions[:, -1:] + 1, _returned_cache(out)
+
+        def run():
+            with torch.inference_mode():
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                 logits_to_keep=1, **{_cache_argument(self.model): cache})
+            return out.logits[:, -1, :], mask, positions[:, -1:] + 1, _returned_cache(out)
+
+        if self.replay is None or key is None:
+            return run()
+        if self._recording:
+            return self.replay.capture(key, p, run)
+        with self.replay.active(key, self.unchanged):
+            return run()
 
     def _shared_logprobs(self):
         import torch
@@ -127,7 +147,8 @@ class Scorer:
         prefix_cache = self._prefix_cache()
         rows = [None] * len(self.harmless_ids)
         for batch in length_batches([len(x) for x in self.harmless_ids], self.batch_size):
-            logits, _, _, _ = self._suffix_forward(prefix_cache, [self.harmless_ids[i] for i in batch])
+            logits, _, _, _ = self._suffix_forward(prefix_cache, [self.harmless_ids[i] for i in batch],
+                                                   key=("harmless", tuple(batch)))
             logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
             for k, i in enumerate(batch):
                 rows[i] = logprobs[k]
@@ -144,7 +165,8 @@ class Scorer:
         answers: list[list[int]] = [[] for _ in self.harmful_ids]
         argument = _cache_argument(self.model)
         for batch in length_batches([len(x) for x in self.harmful_ids], self.batch_size):
-            logits, mask, positions, cache = self._suffix_forward(prefix_cache, [self.harmful_ids[i] for i in batch])
+            logits, mask, positions, cache = self._suffix_forward(prefix_cache, [self.harmful_ids[i] for i in batch],
+                                                                  key=("harmful", tuple(batch)))
             grown = [[] for _ in batch]
             with torch.inference_mode():
                 for step in range(steps):
@@ -194,7 +216,33 @@ class Scorer:
                 self.share = False
         base = self.first_token_logprobs()
         self.base = base.to(torch.float64)
+        if self.share:
+            self._record_bottom()
         return hashlib.sha256(base.numpy().tobytes()).hexdigest()
+
+    def _record_bottom(self) -> None:
+        """Record the base model's bottom layers on every validation batch; keep them if replaying is exact."""
+        from stages.modelio import length_batches
+        from stages.replay import Replay
+
+        batches = sum(len(length_batches([len(x) for x in ids], self.batch_size))
+                      for ids in (self.harmful_ids, self.harmless_ids))
+        self.replay = Replay(self.model, batches)
+        self._recording = True
+        try:
+            computed = self._shared_logprobs(), self._shared_greedy(2)
+        finally:
+            self._recording = False
+        self.unchanged = self.replay.depth or 0
+        try:
+            replayed = self._shared_logprobs(), self._shared_greedy(2)
+            exact = bool(torch_equal(computed[0], replayed[0])) and computed[1] == replayed[1]
+        except Exception:  # an architecture whose layers cannot be stood in for: compute them
+            exact = False
+        finally:
+            self.unchanged = 0
+        if not (exact and self.replay.enabled and self.replay.depth):
+            self.replay = None
 
     def kl(self) -> float:
         """Mean KL(base || current) of the first answer token over the harmless prompts (nats)."""

@@ -331,3 +331,31 @@ def _whole_greedy(scorer, steps):
     answers = greedy_generate(scorer.model, scorer.harmful_ids, max_new_tokens=steps, eos_ids=[], pad_id=scorer.pad,
                               batch_size=scorer.batch_size, device="cpu")
     return [a.ids for a in answers]
+
+
+def test_replayed_bottom_layers_give_the_same_numbers(llama):
+    """Layers below the lowest edited one are replayed from the base model's records, bit for bit."""
+    from stages.modelio import load_model, load_tokenizer
+    from stages.prompts import render
+    from stages.validation import Scorer, split_validation
+
+    sets = split_validation(llama / "harmful.txt", llama / "harmless.txt", 6)
+    tokenizer = load_tokenizer(llama / "base")
+    ids = [render(tokenizer, s) for s in (sets.harmful, sets.harmless)]
+    model = load_model(llama / "base", "float32", "cpu")
+    scorer = Scorer(model, tokenizer, *ids, batch_size=4, device="cpu")
+    scorer.remember_base()
+    assert scorer.replay is not None and scorer.replay.depth == 4
+    with torch.no_grad():
+        model.model.layers[2].mlp.down_proj.weight.mul_(1.5)
+    computed = scorer.kl(), scorer._shared_greedy(5)
+    scorer.unchanged = 2
+    calls = []
+    hook = model.model.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    replayed = scorer.kl(), scorer._shared_greedy(5)
+    assert replayed == computed and computed[0] > 0
+    # layer 0 ran for the shared prefix (once per call) and the 4 decoding steps of each of the 2 harmful
+    # batches, never for the prompts' own tokens
+    assert len(calls) == 2 + 2 * 4
+    hook.remove()
+    assert model.model.layers[0].__class__.__name__ == "LlamaDecoderLayer"  # the real layers are back
