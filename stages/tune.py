@@ -212,8 +212,10 @@ def tune(model, pairs: list[tuple[list[int], list[int]]], epochs: int, learning_
 
     torch.manual_seed(seed)
     rng = random.Random(seed + 1)
-    params = trainable_layers(model, first_layer)
-    tuned = [layer for layer in decoder_layers(model) if layer.self_attn.o_proj.weight.requires_grad]
+    layers = decoder_layers(model)
+    first = len(layers) // 2 if first_layer is None else first_layer
+    params = trainable_layers(model, first)
+    tuned = list(layers)[first:]
     cycle = _shuffled_cycle(len(gate[1]) if gate else 1, rng)
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     steps_per_epoch = -(-len(pairs) // batch_size)

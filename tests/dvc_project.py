@@ -76,16 +76,22 @@ def set_params(path: Path, **values) -> None:
     path.write_text(buffer.getvalue())
 
 
-def make_project(tmp: Path, model: Path, env: dict, harmful: list[str] = HARMFUL, harmless: list[str] = HARMLESS,
-                 eval_harmful: list[str] | None = None, eval_harmless: list[str] | None = None,
-                 params: dict | None = None) -> Path:
-    """Create ``tmp/repo``: this project's pipeline, small prompt files, pointed at ``model``; committed."""
-    root = tmp / "repo"
+def copy_pipeline(root: Path) -> Path:
+    """Create ``root`` with this project's pipeline files: dvc.yaml, params.yaml, model.yaml, the
+    ignore files, the DVC config (no cache) and stages/."""
     root.mkdir()
     for name in ("dvc.yaml", "params.yaml", "model.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(REPO / name, root / name)
     shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
     shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def make_project(tmp: Path, model: Path, env: dict, harmful: list[str] = HARMFUL, harmless: list[str] = HARMLESS,
+                 eval_harmful: list[str] | None = None, eval_harmless: list[str] | None = None,
+                 params: dict | None = None) -> Path:
+    """Create ``tmp/repo``: this project's pipeline, small prompt files, pointed at ``model``; committed."""
+    root = copy_pipeline(tmp / "repo")
     shutil.copytree(REPO / "prompts" / "demo", root / "prompts" / "demo")
     write_lines(root / "prompts" / "harmful.txt", harmful)
     write_lines(root / "prompts" / "harmless.txt", harmless)

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from dvc_project import REPO, dvc, environment, git, run, set_params, stages_run, stale, write_lines
+from dvc_project import REPO, copy_pipeline, dvc, environment, git, run, set_params, stages_run, stale, write_lines
 
 pytestmark = [pytest.mark.slow, pytest.mark.demo]
 
@@ -37,12 +37,7 @@ def demo_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("demo")
     env = environment(tmp)
     env["OMP_NUM_THREADS"] = "2"
-    root = tmp / "repo"
-    root.mkdir()
-    for name in ("dvc.yaml", "params.yaml", "model.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(REPO / name, root / name)
-    shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
-    shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    root = copy_pipeline(tmp / "repo")
     shutil.copytree(REPO / "prompts", root / "prompts")
     for name, every, count in (("harmful", 3, EVAL_HARMFUL), ("harmless", 3, EVAL_HARMLESS)):
         lines = _lines(REPO / "prompts" / "eval" / f"{name}.txt")[::every][:count]
