@@ -81,6 +81,39 @@ def _side_by_side(speakers: list[Speaker]):
     return table
 
 
+POLL_SECONDS = 0.2
+
+
+def read_line(stdin: TextIO) -> str:
+    """One line of ``stdin`` ("" at the end of input).
+
+    On a POSIX file descriptor the line is read byte by byte after polling, so that Ctrl-C ends
+    the wait even when the signal is delivered to another thread (torch's or the tokenizer's):
+    the main thread, blocked in read(), would otherwise not wake up until the next line came.
+    """
+    import os
+
+    try:
+        fd = stdin.fileno()
+    except (AttributeError, OSError, ValueError):
+        return stdin.readline()
+    if os.name != "posix":
+        return stdin.readline()
+    import select
+
+    data = bytearray()
+    while True:
+        while not select.select([fd], [], [], POLL_SECONDS)[0]:
+            pass  # returns to the interpreter, which raises a pending KeyboardInterrupt
+        byte = os.read(fd, 1)
+        if not byte:
+            break
+        data += byte
+        if byte == b"\n":
+            break
+    return data.decode(getattr(stdin, "encoding", None) or "utf-8", errors="replace")
+
+
 def converse(speakers: list[Speaker], max_new_tokens: int, stdin: TextIO, stdout: TextIO) -> int:
     """The read-answer loop; returns the number of messages answered. Ends on EOF, /exit or Ctrl-C."""
     from rich.console import Console
@@ -92,7 +125,7 @@ def converse(speakers: list[Speaker], max_new_tokens: int, stdin: TextIO, stdout
         while True:
             sys.stderr.write("you> ")
             sys.stderr.flush()
-            line = stdin.readline()
+            line = read_line(stdin)
             if not line:  # end of input (Ctrl-D)
                 log.print()
                 break

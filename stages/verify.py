@@ -13,7 +13,10 @@ checks, streaming both models chunk by chunk:
 * norm-preserving edits kept every column's (row's) norm.
 
 Tolerance: ``--tolerance`` or, by default, ``max(1e-5, 16 u / sqrt(hidden))`` with ``u`` the
-unit roundoff of the stored dtype (rounding to bf16 re-injects a little of ``r``). A table goes
+unit roundoff of the stored dtype (rounding to bf16 re-injects a little of ``r``); for the norm
+drift at least ``u`` itself: rounding every element of a column moves its norm by at most ``u``
+relative, and a column dominated by one large element (outlier features) gets close to that
+bound (measured: 2.8e-3 on a bf16 column of 576 where the first bound is 2.6e-3). A table goes
 to stderr; the exit code is 1 if any check fails.
 """
 
@@ -36,6 +39,13 @@ ROUNDOFF = {"F64": 2.0**-53, "F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0**-8}
 
 def tolerance_for(dtype: str, hidden: int, override: float = 0.0) -> float:
     return override if override > 0 else max(1e-5, 16 * ROUNDOFF.get(dtype, 2.0**-8) / math.sqrt(hidden))
+
+
+def norm_tolerance_for(dtype: str, hidden: int, override: float = 0.0) -> float:
+    """Largest relative column-norm drift that rounding to ``dtype`` can cause (fp32 slack added)."""
+    if override > 0:
+        return override
+    return max(tolerance_for(dtype, hidden), ROUNDOFF.get(dtype, 2.0**-8) * (1 + 1e-3) + 1e-6)
 
 
 def _same_bytes(fd_a: int, fd_b: int, begin: int, end: int) -> bool:
@@ -142,7 +152,8 @@ def verify(base: Path, ablated: Path, tolerance: float = 0.0) -> tuple[list[list
                 tol = tolerance_for(info.dtype, hidden, tolerance)
                 check_comp = float(tensor_edits[-1]["scale"]) == 1.0
                 check_norm = all(e["norm_preserve"] for e in tensor_edits)
-                ok = (not check_comp or comp <= tol) and (not check_norm or drift <= tol)
+                ok = (not check_comp or comp <= tol) and (not check_norm or drift <= norm_tolerance_for(
+                    info.dtype, hidden, tolerance))
                 layer = tensor_edits[-1]["layer"]
                 entry = per_layer.setdefault(layer, {"n": 0, "comp": None, "drift": None, "ok": True, "tol": tol})
                 entry["n"] += 1
