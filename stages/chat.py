@@ -195,6 +195,10 @@ def main(
             speakers.append(Speaker(label, path, dtype, device, chat_template, system_prompt))
         log.print(f"{label} model: {path}")
     log.print("Type a message; /reset forgets the conversation, /exit or Ctrl-D ends.")
+    import signal
+
+    # Ctrl-C ends the chat, whatever handler the process inherited or a library installed
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     converse(speakers, max_new_tokens, sys.stdin, sys.stdout)
 
 

@@ -255,9 +255,11 @@ def test_chat_ends_cleanly_on_ctrl_c(work):
     import signal
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    # as in a terminal: SIGINT handled by default even when the tests run as a background job
+    # (a shell starts those with SIGINT ignored, and the child would inherit that)
     proc = subprocess.Popen([sys.executable, "-m", "stages.chat", "--model", str(work / "base"), "--device", "cpu"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, env=env)
+                            cwd=ROOT, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = ""
     while not seen.endswith("you>"):  # wait for the input prompt
         char = proc.stderr.read(1)
