@@ -183,18 +183,19 @@ def answer_loss(model, ids, mask, targets, first_weight: float = 1.0):
     return (losses * weights).sum() / weights.sum()
 
 
-def trainable_layers(model, first: int | None = None) -> list:
-    """Freeze everything, then unfreeze decoder layers ``first..L-1`` (default: the upper half)."""
+def trainable_layers(model, first: int | None = None) -> tuple[list, list]:
+    """Freeze everything, then unfreeze decoder layers ``first..L-1`` (default: the upper half).
+    Returns ``(those layers, their parameters)``."""
     from stages.modelio import decoder_layers
 
     layers = decoder_layers(model)
     first = len(layers) // 2 if first is None else first
     model.requires_grad_(False)
-    params = []
-    for layer in list(layers)[first:]:
+    tuned, params = list(layers)[first:], []
+    for layer in tuned:
         layer.requires_grad_(True)
         params.extend(p for p in layer.parameters())
-    return params
+    return tuned, params
 
 
 def tune(model, pairs: list[tuple[list[int], list[int]]], epochs: int, learning_rate: float, batch_size: int,
@@ -208,14 +209,9 @@ def tune(model, pairs: list[tuple[list[int], list[int]]], epochs: int, learning_
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from stages.modelio import decoder_layers
-
     torch.manual_seed(seed)
     rng = random.Random(seed + 1)
-    layers = decoder_layers(model)
-    first = len(layers) // 2 if first_layer is None else first_layer
-    params = trainable_layers(model, first)
-    tuned = list(layers)[first:]
+    tuned, params = trainable_layers(model, first_layer)
     cycle = _shuffled_cycle(len(gate[1]) if gate else 1, rng)
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     steps_per_epoch = -(-len(pairs) // batch_size)
