@@ -409,6 +409,8 @@ def test_build_demo_checks_params_before_downloading(tmp_path, monkeypatch):
         demo.build_demo(tmp_path / "o", prompts, "100MB", 0, 8, 1, 0.0, 8, 32)
     with pytest.raises(UserError, match="demo prompt folder .* does not exist"):
         demo.build_demo(tmp_path / "o", tmp_path / "none", "100MB", 0, 8, 1, 1e-4, 8, 32)
+    with pytest.raises(UserError, match="harmful.txt"):
+        demo.build_demo(tmp_path / "o", prompts, "100MB", 0, 8, 1, 1e-4, 8, 32, direction_prompts=tmp_path / "none")
     (prompts / "refusals.txt").write_text("\n\n")
     with pytest.raises(UserError, match="refusals.txt is empty"):
         demo.build_demo(tmp_path / "o", prompts, "100MB", 0, 8, 1, 1e-4, 8, 32)
