@@ -194,6 +194,19 @@ def auto_layers(scores: list[dict], best: int, fraction: float, num_layers: int)
     return list(range(max(low - 1, 0), min(high, num_layers - 1) + 1))
 
 
+def default_layers(scores: Path | None, tensors: dict, fraction: float, num_layers: int) -> tuple[list[int], int]:
+    """What ``layers: auto`` and ``measurement: auto`` resolve to: (the layers, the best-scored index).
+
+    ``scores``: score's ``metrics/layers.json`` (its ``best_index``); ``tensors``: the reduce tensors."""
+    from stages.score import index_scores
+
+    score = _read_scores(scores)
+    best = int(score["best_index"])
+    if not 0 <= best <= num_layers or int(score.get("num_layers", num_layers)) != num_layers:
+        fail(f"{scores} is for another model (best index {best}, {score.get('num_layers')} layers); rerun score")
+    return auto_layers(index_scores(tensors), best, fraction, num_layers), best
+
+
 def _read_yaml_shards(path: Path) -> dict[str, str]:
     import yaml
 
@@ -253,15 +266,9 @@ def plan(model: Path, shards_file: Path, directions: Path, scores: Path | None, 
     if searched is not None and m is None:
         m = searched["measurement"]
     if layer_list is None or m is None:
-        score = _read_scores(scores)
-        best = int(score["best_index"])
-        if not 0 <= best < num_indices or int(score.get("num_layers", num_layers)) != num_layers:
-            fail(f"{scores} is for another model (best index {best}, {score.get('num_layers')} layers); rerun score")
+        auto_list, best = default_layers(scores, tensors, auto_fraction, num_layers)
         m = best if m is None else m
-        if layer_list is None:
-            from stages.score import index_scores
-
-            layer_list = auto_layers(index_scores(tensors), best, auto_fraction, num_layers)
+        layer_list = auto_list if layer_list is None else layer_list
     layer_edits = resolve_layer_edits(layer_list, m, scale, sparsity, load_overrides(overrides_from), num_layers,
                                       base_edits=None if searched is None else searched["edits"])
     options = {"norm_preserve": norm_preserve, "projected": projected, "targets": list(target_roles)}

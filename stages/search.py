@@ -9,7 +9,10 @@ settings, bit for bit) and is scored on the validation prompts (``stages.validat
 answers (``--proxy-tokens``) and the mean first-token KL against the base model. Trials whose KL
 exceeds ``--kl-budget`` count as infeasible for the sampler. At the end the ``--confirm-top`` best
 trials within the budget are confirmed with real answers (``--confirm-tokens``); the chosen trial
-has the fewest confirmed refusals (then the lowest KL).
+has the fewest confirmed refusals (then the lowest KL). The first trial is the default ablation
+(what ``plan`` does with ``layers: auto`` and ``measurement: auto``, read from ``--scores``);
+``--kl-budget auto`` makes its KL the budget, so the chosen trial refuses least among the trials
+that do no more damage than the default, and is the default itself if none beats it.
 
 Outputs: ``search.json`` (the chosen trial's per-layer settings, which ``plan --layers search``
 turns into edits, the Pareto front and every trial) and a CSV with one row per trial. With
@@ -26,7 +29,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -37,10 +40,22 @@ FORMAT = 1
 HOW = "set search.trials, e.g. `dvc exp run -S search.trials=100 -S ablate.layers=search`"
 
 
-def _check(trials: int, kl_budget: float, validation: int, proxy_tokens: int, confirm_tokens: int,
+def parse_budget(value: str | float) -> float | None:
+    """``search.kl-budget``: a number of nats above 0, or ``auto`` (None: the default ablation's KL)."""
+    if str(value).strip().lower() == "auto":
+        return None
+    try:
+        budget = float(value)
+    except (TypeError, ValueError):
+        fail(f"search.kl-budget must be auto or a number of nats above 0, got {value!r}")
+    if not budget > 0:
+        fail(f"search.kl-budget must be auto or a number of nats above 0, got {value!r}")
+    return budget
+
+
+def _check(trials: int, validation: int, proxy_tokens: int, confirm_tokens: int,
            confirm_top: int, batch_size: int, threads: int) -> None:
     checks = ((trials >= 0, f"search.trials must be 0 or more, got {trials}"),
-              (kl_budget > 0, f"search.kl-budget must be above 0, got {kl_budget}"),
               (validation >= 1, f"search.validation must be at least 1, got {validation}"),
               (1 <= proxy_tokens <= 512, f"search.proxy-tokens must be 1-512, got {proxy_tokens}"),
               (1 <= confirm_tokens <= 8192, f"search.confirm-tokens must be 1-8192, got {confirm_tokens}"),
@@ -66,18 +81,25 @@ def write_outputs(doc: dict, out: Path, plot: Path) -> None:
 
 
 def run_search(model_dir: Path, directions: Path, harmful: str, harmless: str, out: Path, plot: Path, *,
-               trials: int = 0, seed: int = 0, kl_budget: float = 0.1, validation: int = 32, proxy_tokens: int = 12,
-               confirm_tokens: int = 48, confirm_top: int = 8, startup_trials: int = 20, batch_size: int = 32,
+               scores: Path | None = None, trials: int = 0, seed: int = 0, kl_budget: float | str = "auto",
+               validation: int = 32, proxy_tokens: int = 12, confirm_tokens: int = 48, confirm_top: int = 8, startup_trials: int = 20, batch_size: int = 32,
                dtype: str = "float32", device: str = "auto", threads: int = 2, norm_preserve: bool = True,
                projected: bool = True, sparsity: float = 0.0, targets: str = "attention,mlp,experts,shared-experts",
-               system_prompt: str = "", chat_template: str = "", journal_dir: str = ".dvc/tmp/search") -> dict:
-    """Run the study (or record that none ran) and write ``out`` and ``plot``; return the document."""
-    _check(trials, kl_budget, validation, proxy_tokens, confirm_tokens, confirm_top, batch_size, threads)
+               scale: float = 1.0, auto_fraction: float = 0.5, system_prompt: str = "", chat_template: str = "",
+               journal_dir: str = ".dvc/tmp/search") -> dict:
+    """Run the study (or record that none ran) and write ``out`` and ``plot``; return the document.
+
+    ``scores`` (score's ``metrics/layers.json``), ``scale`` and ``auto_fraction`` give the default
+    ablation, the first trial; without ``scores`` there is none and ``kl_budget`` must be a number."""
+    budget = parse_budget(kl_budget)
+    _check(trials, validation, proxy_tokens, confirm_tokens, confirm_top, batch_size, threads)
     if trials == 0:
         doc = {"format": FORMAT, "status": "skipped", "reason": "search.trials is 0", "how": HOW, "trials": []}
         write_outputs(doc, out, plot)
         console().print("search: search.trials is 0, no search ran (ablate.layers search needs one)")
         return doc
+    if budget is None and scores is None:
+        fail("search.kl-budget auto measures the default ablation, which needs the layer scores (--scores)")
     from stages.plan import parse_targets
     from stages.search_space import SEARCHABLE
 
@@ -90,7 +112,8 @@ def run_search(model_dir: Path, directions: Path, harmful: str, harmless: str, o
              "drop it from ablate.targets or leave search.trials at 0")
     from stages.search_run import Study
 
-    study = Study(model_dir, directions, harmful, harmless, seed=seed, kl_budget=kl_budget, validation=validation,
+    study = Study(model_dir, directions, harmful, harmless, seed=seed, kl_budget=budget,
+                  default={"scores": scores, "scale": scale, "auto_fraction": auto_fraction}, validation=validation,
                   proxy_tokens=proxy_tokens, startup_trials=startup_trials, batch_size=batch_size, dtype=dtype,
                   device=device, threads=threads, options={"norm_preserve": norm_preserve, "projected": projected,
                                                            "targets": list(roles)}, sparsity=sparsity,
@@ -153,7 +176,11 @@ def main(
     plot: Annotated[Path, typer.Option(help="Output CSV, one row per trial (trial, refusals, kl, pareto).")],
     trials: Annotated[int, typer.Option(help="Trials to run (0: no search, nothing is loaded).")] = 0,
     seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
-    kl_budget: Annotated[float, typer.Option(help="Chosen trial: fewest refusals with first-token KL <= this.")] = 0.1,
+    scores: Annotated[Optional[Path], typer.Option(help="metrics/layers.json of score (the default ablation).")] = None,
+    kl_budget: Annotated[str, typer.Option(help="Chosen trial: fewest refusals with first-token KL <= this; auto = "
+                                                "the default ablation's KL.")] = "auto",
+    scale: Annotated[float, typer.Option(help="ablate.scale (of the default ablation, the first trial).")] = 1.0,
+    auto_fraction: Annotated[float, typer.Option(help="ablate.auto-fraction (of the default ablation).")] = 0.5,
     validation: Annotated[int, typer.Option(help="Validation prompts per set (the last N of each file).")] = 32,
     proxy_tokens: Annotated[int, typer.Option(help="Greedy tokens per harmful prompt in each trial.")] = 12,
     confirm_tokens: Annotated[int, typer.Option(help="Greedy tokens when confirming the best trials.")] = 48,
@@ -174,7 +201,8 @@ def main(
         ".dvc/tmp/search",
 ) -> None:
     """Search the layer kernels and measurement that remove the most refusals within a KL budget."""
-    run_search(model, directions, harmful, harmless, out, plot, trials=trials, seed=seed, kl_budget=kl_budget,
+    run_search(model, directions, harmful, harmless, out, plot, scores=scores, trials=trials, seed=seed,
+               kl_budget=kl_budget, scale=scale, auto_fraction=auto_fraction,
                validation=validation, proxy_tokens=proxy_tokens, confirm_tokens=confirm_tokens,
                confirm_top=confirm_top, startup_trials=startup_trials, batch_size=batch_size, dtype=dtype,
                device=device, threads=threads, norm_preserve=parse_bool(norm_preserve, "--norm-preserve"),

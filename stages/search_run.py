@@ -6,6 +6,11 @@ trial, builds the edits with ``stages.edits.build_edits`` (what ``plan`` runs), 
 ``stages.live_edit.LiveEditor`` (what ``ablate`` computes), and scores them with
 ``stages.validation.Scorer``.
 
+The first trial is always the default ablation (``layers: auto``, the best-scored measurement,
+``ablate.scale``, as a point of the space: :func:`stages.search_space.start_point`), so the search
+knows what it has to beat; with ``kl_budget`` None (``search.kl-budget: auto``) its KL is the
+budget: the chosen trial then refuses least among the trials that damage no more than the default.
+
 A trial whose KL exceeds :data:`SKIP_FACTOR` times the budget is infeasible whatever it refuses, so
 its harmful prompts are not answered: it is told to the sampler as refusing every prompt and is
 recorded with ``refusals_proxy: null`` (left out of the Pareto front). This saves most of the cost
@@ -24,7 +29,8 @@ SKIP_FACTOR = 2.0  # trials with KL above this many times the budget are not ans
 
 
 class Study:
-    def __init__(self, model_dir: Path, directions: Path, harmful: str, harmless: str, *, seed: int, kl_budget: float,
+    def __init__(self, model_dir: Path, directions: Path, harmful: str, harmless: str, *, seed: int,
+                 kl_budget: float | None, default: dict,
                  validation: int, proxy_tokens: int, startup_trials: int, batch_size: int, dtype: str, device: str,
                  threads: int, options: dict, sparsity: float, system_prompt: str, chat_template: str,
                  journal_dir: str):
@@ -42,7 +48,8 @@ class Study:
         torch.set_num_threads(threads)
         self.log = console()
         self.model_dir, self.options, self.sparsity = Path(model_dir), options, float(sparsity)
-        self.kl_budget, self.proxy_tokens, self.seed = float(kl_budget), proxy_tokens, seed
+        self.fixed_budget = None if kl_budget is None else float(kl_budget)
+        self.proxy_tokens, self.seed = proxy_tokens, seed
         check_model_dir(model_dir)
         self.config = text_config(read_config(model_dir))
         self.num_layers = int(self.config.get("num_hidden_layers", 0))
@@ -51,6 +58,13 @@ class Study:
         if f"direction.{self.num_layers}" not in self.tensors or f"direction.{self.num_layers + 1}" in self.tensors:
             fail(f"{directions} does not have the {self.num_layers + 1} residual indices of {model_dir}; "
                  "rerun `dvc repro reduce` for this model")
+        self.start = None  # the default ablation as a point of the space (needs the layer scores)
+        if default.get("scores") is not None:
+            from stages.plan import default_layers
+            from stages.search_space import start_point
+
+            layers, best = default_layers(default["scores"], self.tensors, default["auto_fraction"], self.num_layers)
+            self.start = start_point(layers, best, default["scale"], self.num_layers)
         _, _, matches, _ = match_tensors(self.names, self.config)
         self.roles = component_roles(options["targets"])
         self.layers_with = {c: {m.layer for m in matches if m.layer is not None and m.rule.role in roles}
@@ -69,9 +83,9 @@ class Study:
         self.directions_sha = file_hash(directions)
         inputs = {"space": VERSION, "directions": self.directions_sha, "config": self.config, "base": base_hash,
                   "harmful": harmful_ids, "harmless": harmless_ids, "template": template_hash(template),
-                  "seed": seed, "startup": startup_trials, "proxy_tokens": proxy_tokens, "kl_budget": kl_budget,
-                  "options": options, "sparsity": self.sparsity, "dtype": dtype, "device": str(device),
-                  "threads": threads}
+                  "seed": seed, "startup": startup_trials, "proxy_tokens": proxy_tokens,
+                  "kl_budget": "auto" if kl_budget is None else kl_budget, "start": self.start, "options": options,
+                  "sparsity": self.sparsity, "dtype": dtype, "device": str(device), "threads": threads}
         self.key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
         self.editor = LiveEditor(model, model_dir, self.names, threads)
         self.study = self._study(journal_dir, seed, startup_trials)
@@ -115,11 +129,22 @@ class Study:
         self.scorer.unchanged = min((-1 if e["layer"] is None else e["layer"] for e in edits), default=self.num_layers)
         self.scorer.unchanged = max(self.scorer.unchanged, 0)
 
+    def start_trial(self, trials: list):
+        """The completed trial that is the default ablation (None: not run yet, or no start point)."""
+        return next((t for t in trials if t.user_attrs.get("start")), None)
+
+    def budget(self, trials: list | None = None) -> float:
+        """The KL budget: the fixed one, or the default ablation's KL (infinite until it has run)."""
+        if self.fixed_budget is not None:
+            return self.fixed_budget
+        start = self.start_trial(self.completed() if trials is None else trials)
+        return float("inf") if start is None else float(start.values[1])
+
     def score(self, params: dict) -> tuple[int | None, float]:
         """(proxy refusals, first-token KL) of one point of the space; refusals None if not measured."""
         self.apply(params)
         kl = self.scorer.kl()
-        if kl > SKIP_FACTOR * self.kl_budget:
+        if kl > SKIP_FACTOR * self.budget():
             return None, kl
         return sum(self.scorer.refusals(self.proxy_tokens)), kl
 
@@ -130,7 +155,7 @@ class Study:
         return done if limit is None else done[:limit]
 
     def best(self, trials: list) -> tuple | None:
-        inside = [t for t in trials if t.values[1] <= self.kl_budget]
+        inside = [t for t in trials if t.values[1] <= self.budget(trials)]
         return min(((t.values[0], t.values[1], t.number) for t in inside), default=None)
 
     def optimize(self, trials: int) -> bool:
@@ -145,6 +170,7 @@ class Study:
             self.log.print(f"search: continuing a study of {done} trials ({self.key[:12]})")
         columns = (TextColumn("search"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[best]}"),
                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+        self._enqueue_start()
         best = self.best(self.completed())
         with Progress(*columns, console=self.log, transient=False) as bar:
             task = bar.add_task("trials", total=trials, completed=min(done, trials), best=self._best_text(best, n))
@@ -155,7 +181,8 @@ class Study:
 
                     trial = self.study.ask()
                     refusals, kl = self.score(suggest(trial, self.num_layers))
-                    trial.set_constraint("kl_budget", kl - self.kl_budget)  # feasible: <= 0
+                    budget = kl if trial.user_attrs.get("start") and self.fixed_budget is None else self.budget()
+                    trial.set_constraint("kl_budget", kl - budget)  # feasible: <= 0
                     trial.set_user_attr("answered", refusals is not None)
                     self.study.tell(trial, [n if refusals is None else refusals, kl])
                 except KeyboardInterrupt:
@@ -163,13 +190,23 @@ class Study:
                         self.study.tell(trial, state=TrialState.FAIL)
                     self.log.print("search: interrupted; keeping the best trial so far")
                     return True
-                if refusals is not None and kl <= self.kl_budget and (best is None or (refusals, kl, trial.number)
+                if refusals is not None and kl <= self.budget() and (best is None or (refusals, kl, trial.number)
                                                                         < best):
                     best = (refusals, kl, trial.number)
                     if not self.log.is_terminal:
                         self.log.print(f"search: trial {trial.number}: {self._best_text(best, n)}")
                 bar.update(task, advance=1, best=self._best_text(best, n))
         return False
+
+    def _enqueue_start(self) -> None:
+        """Queue the default ablation as the next trial unless it ran or waits already."""
+        from optuna.trial import TrialState
+
+        if self.start is None or self.start_trial(self.completed()) is not None:
+            return
+        if any(t.user_attrs.get("start") for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))):
+            return
+        self.study.enqueue_trial(self.start, user_attrs={"start": True})
 
     @staticmethod
     def _best_text(best, n: int) -> str:
@@ -183,8 +220,13 @@ class Study:
             self.editor.restore()
             self.scorer.unchanged = self.num_layers
             self.base_confirmed = sum(self.scorer.refusals(tokens, stop_early=True))
-            inside = [t for t in self.completed() if t.values[1] <= self.kl_budget]
-            for t in sorted(inside, key=lambda t: (t.values[0], t.values[1], t.number))[:top]:
+            done = self.completed()
+            inside = [t for t in done if t.values[1] <= self.budget(done)]
+            ranked = sorted(inside, key=lambda t: (t.values[0], t.values[1], t.number))[:top]
+            start = self.start_trial(done)
+            if start is not None and start.user_attrs.get("answered", True) and start.number not in {t.number for t in ranked}:
+                ranked.append(start)  # the default ablation, confirmed for comparison
+            for t in ranked:
                 self.apply(t.params)
                 confirmed[t.number] = sum(self.scorer.refusals(tokens, stop_early=True))
         except KeyboardInterrupt:
@@ -202,7 +244,8 @@ class Study:
         done = self.completed(trials)
         answered = {t.number for t in done if t.user_attrs.get("answered", True)}
         front = pareto_front({t.number: (t.values[0], t.values[1]) for t in done if t.number in answered})
-        inside = [t for t in done if t.values[1] <= self.kl_budget]
+        budget = self.budget(done)
+        inside = [t for t in done if t.values[1] <= budget]
         ranked = [t for t in inside if t.number in confirmed] or inside
         pick = min(ranked, key=lambda t: (confirmed.get(t.number, t.values[0]), t.values[1], t.number), default=None)
         chosen = None
@@ -218,7 +261,10 @@ class Study:
                        "model_type": self.config.get("model_type"), "num_layers": self.num_layers,
                        "hidden_size": int(self.config["hidden_size"])},
             "options": {**self.options, "sparsity": self.sparsity},
-            "settings": {"kl_budget": self.kl_budget, "seed": self.seed, "proxy_tokens": self.proxy_tokens,
+            "start": self._start_doc(done, answered, confirmed),
+            "settings": {"kl_budget": budget if budget != float("inf") else None,
+                         "kl_budget_from": "default ablation" if self.fixed_budget is None else "search.kl-budget",
+                         "seed": self.seed, "proxy_tokens": self.proxy_tokens,
                          "confirm_tokens": confirm_tokens, "confirm_top": confirm_top},
             "validation": self.sets.info, "space": {k: list(v) for k, v in ranges(self.num_layers).items()},
             "base": {"refusals": self.base_confirmed, "refusals_proxy": self.base_proxy},
@@ -227,6 +273,17 @@ class Study:
                         "refusals": confirmed.get(t.number), "pareto": t.number in front,
                         "params": dict(sorted(t.params.items()))} for t in done],
         }
+
+    def _start_doc(self, done: list, answered: set, confirmed: dict[int, int]) -> dict | None:
+        """The default ablation's trial in ``search.json`` (None: the search had no start point)."""
+        from stages.plan import layer_edit_dict
+
+        start = self.start_trial(done)
+        if start is None:
+            return None
+        return {"trial": start.number, "kl": float(start.values[1]), "refusals": confirmed.get(start.number),
+                "refusals_proxy": int(start.values[0]) if start.number in answered else None,
+                "layers": [layer_edit_dict(e) for e in self.layer_edits(start.params)]}
 
     def report(self, doc: dict, seconds: float, out: Path) -> None:
         from rich.table import Table
@@ -243,14 +300,22 @@ class Study:
         self.log.print(table)
         base = doc["base"]
         self.log.print(f"search: base model refuses {base['refusals']}/{n} (proxy {base['refusals_proxy']}/{n})")
-        chosen = doc["chosen"]
+        budget = doc["settings"]["kl_budget"]
+        start, chosen = doc["start"], doc["chosen"]
+        if start is not None:
+            self.log.print(f"search: the default ablation (trial {start['trial']}): {self._refusals(start)}/{n} "
+                           f"refusals, first-token KL {start['kl']:.4f}")
         if chosen is None:
-            self.log.print(f"[yellow]search: no trial kept the KL within {self.kl_budget}[/]; raise search.kl-budget")
+            self.log.print(f"[yellow]search: no trial kept the KL within {budget}[/]; raise search.kl-budget")
         else:
-            refusals = chosen["refusals"] if chosen["refusals"] is not None else f"{chosen['refusals_proxy']} (proxy)"
-            self.log.print(f"search: chose trial {chosen['trial']}: {refusals}/{n} refusals, first-token KL "
-                           f"{chosen['kl']:.4f} (budget {self.kl_budget}), {len(chosen['layers'])} layer settings")
+            self.log.print(f"search: chose trial {chosen['trial']}: {self._refusals(chosen)}/{n} refusals, "
+                           f"first-token KL {chosen['kl']:.4f} (budget {budget:.4f}, {doc['settings']['kl_budget_from']})"
+                           f", {len(chosen['layers'])} layer settings")
         self.log.print(f"search: {doc['trials_run']} trials, {doc['status']}, {seconds:.0f} s -> {out}")
+
+    @staticmethod
+    def _refusals(trial: dict) -> str:
+        return str(trial["refusals"]) if trial["refusals"] is not None else f"{trial['refusals_proxy']} (proxy)"
 
     def close(self) -> None:
         self.editor.close()

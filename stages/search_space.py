@@ -47,6 +47,20 @@ def suggest(trial, num_layers: int) -> dict[str, float]:
     return {name: float(trial.suggest_float(name, low, high)) for name, (low, high) in space}
 
 
+def start_point(layers: list[int], measurement: float, scale: float, num_layers: int) -> dict[str, float]:
+    """The point of the space that is the default ablation: ``scale`` on ``layers`` (contiguous) for both components.
+
+    A flat tent (edge 1) centred on the range, reaching its ends. Values outside the space are
+    clamped to it (then the point only approximates the default; :func:`layer_scales` tells which)."""
+    space = ranges(num_layers)
+    low, high = min(layers), max(layers)
+    point = {"measurement": float(measurement)}
+    for c in COMPONENTS:
+        point.update({f"{c}_peak": (low + high) / 2, f"{c}_width": max((high - low) / 2, 1.0),
+                      f"{c}_weight": float(scale), f"{c}_edge": 1.0 if high > low else 0.0})
+    return {k: min(max(v, space[k][0]), space[k][1]) for k, v in sorted(point.items())}
+
+
 def component_roles(targets) -> dict[str, tuple[str, ...]]:
     """The targeted roles of each component (components without any are left out)."""
     found = {}

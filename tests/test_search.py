@@ -43,7 +43,7 @@ def _search(root: Path, out: Path, **settings) -> dict:
     from stages.search import run_search
 
     harmful, harmless = str(root / "harmful.txt"), str(root / "harmless.txt")
-    args = {**FAST, "journal_dir": str(out / "journal"), **settings}
+    args = {**FAST, "journal_dir": str(out / "journal"), "scores": root / "layers.json", **settings}
     return run_search(root / "base", root / "directions.safetensors", harmful, harmless, out / "search.json",
                       out / "search.csv", **args)
 
@@ -359,3 +359,58 @@ def test_replayed_bottom_layers_give_the_same_numbers(llama):
     assert len(calls) == 2 + 2 * 4
     hook.remove()
     assert model.model.layers[0].__class__.__name__ == "LlamaDecoderLayer"  # the real layers are back
+
+
+def test_the_first_trial_is_the_default_ablation(llama, tmp_path):
+    """Trial 0 scores the model that plan's defaults (layers auto, measurement auto) write on disk."""
+    doc = _search(llama, tmp_path / "s", trials=1, startup_trials=1, kl_budget=1e9)
+    shutil.copy(llama / "directions.safetensors", tmp_path / "directions.safetensors")
+    out = plan_and_ablate(llama / "base", tmp_path, best=2)
+    settings = json.loads((tmp_path / "plan" / "_settings.json").read_text())
+    roles = {"attention": ["attention"], "mlp": ["mlp", "experts", "shared-experts"]}
+    expected = sorted((e["layer"], e["measurement"], e["scale"], tuple(r)) for e in settings["layers"]
+                      for r in roles.values())
+    assert sorted((e["layer"], e["measurement"], e["scale"], tuple(e["roles"])) for e in doc["start"]["layers"]) \
+        == expected
+    assert doc["start"]["trial"] == 0 and doc["trials"][0]["kl"] == doc["start"]["kl"]
+    assert _kl_of(llama, out) == doc["start"]["kl"] > 0
+
+
+def _kl_of(root: Path, model: Path) -> float:
+    from stages.modelio import load_model, load_tokenizer
+    from stages.prompts import render
+    from stages.validation import Scorer, split_validation
+
+    sets = split_validation(root / "harmful.txt", root / "harmless.txt", FAST["validation"])
+    tokenizer = load_tokenizer(root / "base")
+    ids = [render(tokenizer, s) for s in (sets.harmful, sets.harmless)]
+    base, edited = (Scorer(load_model(p, "float32", "cpu"), tokenizer, *ids, batch_size=8, device="cpu")
+                    for p in (root / "base", model))
+    edited.base = base.first_token_logprobs().double()
+    return edited.kl()
+
+
+def test_auto_budget_is_the_default_ablations_kl(llama, tmp_path):
+    doc = _search(llama, tmp_path, trials=8, startup_trials=4, kl_budget="auto")
+    start, chosen = doc["start"], doc["chosen"]
+    assert doc["settings"]["kl_budget"] == start["kl"] and doc["settings"]["kl_budget_from"] == "default ablation"
+    assert start["refusals"] is not None  # the default is always confirmed, for comparison
+    assert chosen["kl"] <= start["kl"] and chosen["refusals"] <= start["refusals"]
+    confirmed = [t for t in doc["trials"] if t["refusals"] is not None]
+    assert all(t["kl"] <= start["kl"] for t in confirmed)
+    assert (chosen["refusals"], chosen["kl"]) == min((t["refusals"], t["kl"]) for t in confirmed)
+
+
+@pytest.mark.parametrize("budget", ["lots", "0", "-0.5", "nan"])
+def test_a_bad_kl_budget_is_one_clear_line(tmp_path, budget):
+    from stages.search import run_search
+
+    with pytest.raises(UserError, match="search.kl-budget must be auto or a number of nats above 0"):
+        run_search(Path("nowhere"), Path("nowhere"), "x", "y", tmp_path / "s.json", tmp_path / "s.csv", trials=2,
+                   kl_budget=budget)
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_auto_budget_needs_the_layer_scores(llama, tmp_path):
+    with pytest.raises(UserError, match="needs the layer scores"):
+        _search(llama, tmp_path, trials=2, kl_budget="auto", scores=None)
