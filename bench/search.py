@@ -41,10 +41,12 @@ def make_study(args, journal_dir: str = ""):
     from stages.search_run import Study
 
     return Study(args.model, args.directions, str(ROOT / "prompts" / "harmful.txt"),
-                 str(ROOT / "prompts" / "harmless.txt"), seed=args.seed, kl_budget=args.kl_budget,
+                 str(ROOT / "prompts" / "harmless.txt"), seed=args.seed,
+                 kl_budget=None if args.kl_budget == "auto" else float(args.kl_budget),
+                 default={"scores": args.scores, "scale": 1.0, "auto_fraction": 0.5},
                  validation=args.validation, proxy_tokens=args.proxy_tokens, startup_trials=20,
                  batch_size=args.batch_size, dtype="float32", device=args.device, threads=args.threads,
-                 options={"norm_preserve": True, "projected": True,
+                 options={"norm_preserve": True, "projected": False,
                           "targets": ["attention", "mlp", "experts", "shared-experts"]},
                  sparsity=0.0, system_prompt="", chat_template="", journal_dir=journal_dir)
 
@@ -67,7 +69,8 @@ def speed(args) -> None:
         start, cpu = time.perf_counter(), cpu_seconds()
         doc = run_search(args.model, args.directions, str(ROOT / "prompts" / "harmful.txt"),
                          str(ROOT / "prompts" / "harmless.txt"), Path(tmp) / "search.json", Path(tmp) / "search.csv",
-                         trials=args.trials, seed=args.seed, kl_budget=args.kl_budget, validation=args.validation,
+                         scores=args.scores, trials=args.trials, seed=args.seed, kl_budget=args.kl_budget,
+                         validation=args.validation, projected=False,
                          proxy_tokens=args.proxy_tokens, confirm_tokens=args.confirm_tokens, batch_size=args.batch_size,
                          device=args.device, threads=args.threads, journal_dir="")
         wall, used = time.perf_counter() - start, cpu_seconds() - cpu
@@ -161,10 +164,11 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--agreement", type=int, default=0, help="random trials for the proxy agreement (0: skip)")
     parser.add_argument("--validation", type=int, default=32)
-    parser.add_argument("--proxy-tokens", type=int, default=12)
+    parser.add_argument("--proxy-tokens", type=int, default=8)
     parser.add_argument("--confirm-tokens", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--kl-budget", type=float, default=0.05)
+    parser.add_argument("--kl-budget", default="auto", help="nats, or auto (the default ablation's KL)")
+    parser.add_argument("--scores", type=Path, default=ROOT / "metrics" / "layers.json")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)

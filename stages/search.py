@@ -7,7 +7,7 @@ trial edits the loaded base model in place with the ablation engine's own code
 settings, bit for bit) and is scored on the validation prompts (``stages.validation``: the last
 ``--validation`` prompts of the measurement files, never the eval sets): refusals of short greedy
 answers (``--proxy-tokens``) and the mean first-token KL against the base model. Trials whose KL
-exceeds ``--kl-budget`` count as infeasible for the sampler. At the end the ``--confirm-top`` best
+exceeds ``--kl-budget`` are infeasible for the sampler and are not answered. At the end the ``--confirm-top`` best
 trials within the budget are confirmed with real answers (``--confirm-tokens``); the chosen trial
 has the fewest confirmed refusals (then the lowest KL). The first trial is the default ablation
 (what ``plan`` does with ``layers: auto`` and ``measurement: auto``, read from ``--scores``);
@@ -82,7 +82,7 @@ def write_outputs(doc: dict, out: Path, plot: Path) -> None:
 
 def run_search(model_dir: Path, directions: Path, harmful: str, harmless: str, out: Path, plot: Path, *,
                scores: Path | None = None, trials: int = 0, seed: int = 0, kl_budget: float | str = "auto",
-               validation: int = 32, proxy_tokens: int = 12, confirm_tokens: int = 48, confirm_top: int = 8, startup_trials: int = 20, batch_size: int = 32,
+               validation: int = 32, proxy_tokens: int = 8, confirm_tokens: int = 48, confirm_top: int = 8, startup_trials: int = 20, batch_size: int = 32,
                dtype: str = "float32", device: str = "auto", threads: int = 2, norm_preserve: bool = True,
                projected: bool = True, sparsity: float = 0.0, targets: str = "attention,mlp,experts,shared-experts",
                scale: float = 1.0, auto_fraction: float = 0.5, system_prompt: str = "", chat_template: str = "",
@@ -182,7 +182,7 @@ def main(
     scale: Annotated[float, typer.Option(help="ablate.scale (of the default ablation, the first trial).")] = 1.0,
     auto_fraction: Annotated[float, typer.Option(help="ablate.auto-fraction (of the default ablation).")] = 0.5,
     validation: Annotated[int, typer.Option(help="Validation prompts per set (the last N of each file).")] = 32,
-    proxy_tokens: Annotated[int, typer.Option(help="Greedy tokens per harmful prompt in each trial.")] = 12,
+    proxy_tokens: Annotated[int, typer.Option(help="Greedy tokens per harmful prompt in each trial.")] = 8,
     confirm_tokens: Annotated[int, typer.Option(help="Greedy tokens when confirming the best trials.")] = 48,
     confirm_top: Annotated[int, typer.Option(help="Best trials within the budget confirmed by real answers.")] = 8,
     startup_trials: Annotated[int, typer.Option(help="Random trials before TPE starts modelling.")] = 20,

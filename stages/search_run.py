@@ -11,10 +11,10 @@ The first trial is always the default ablation (``layers: auto``, the best-score
 knows what it has to beat; with ``kl_budget`` None (``search.kl-budget: auto``) its KL is the
 budget: the chosen trial then refuses least among the trials that damage no more than the default.
 
-A trial whose KL exceeds :data:`SKIP_FACTOR` times the budget is infeasible whatever it refuses, so
-its harmful prompts are not answered: it is told to the sampler as refusing every prompt and is
-recorded with ``refusals_proxy: null`` (left out of the Pareto front). This saves most of the cost
-of the trials the sampler spends outside the budget.
+A trial whose KL exceeds the budget cannot be chosen whatever it refuses, so its harmful prompts
+are not answered (answering is about three quarters of a trial's cost): it is told to the sampler as
+refusing every prompt, marked infeasible, and recorded with ``refusals_proxy: null`` (left out of
+the Pareto front, which therefore spans the budget).
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ import json
 from pathlib import Path
 
 from stages.cliutil import console, fail
-
-SKIP_FACTOR = 2.0  # trials with KL above this many times the budget are not answered
 
 
 class Study:
@@ -144,7 +142,7 @@ class Study:
         """(proxy refusals, first-token KL) of one point of the space; refusals None if not measured."""
         self.apply(params)
         kl = self.scorer.kl()
-        if kl > SKIP_FACTOR * self.budget():
+        if kl > self.budget():
             return None, kl
         return sum(self.scorer.refusals(self.proxy_tokens)), kl
 

@@ -2,7 +2,7 @@
 
 With ``L`` decoder layers (residual indices ``0..L``), a trial has nine numbers:
 
-* ``measurement`` in ``[0.2 L, 0.9 L]``: the residual index whose direction is removed; a
+* ``measurement`` in ``[0.2 L, 0.9 L]`` (at least 1): the residual index whose direction is removed; a
   fractional index interpolates the unit directions of the two indices around it (then
   renormalized, see ``stages.edits.measured_direction``);
 * per component (``attention``: the attention writers ``o_proj`` / ``out_proj``; ``mlp``: the MLP
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from stages.plan import LayerEdit
 
-VERSION = 1  # bump when the space or the kernel changes: old study journals no longer apply
+VERSION = 2  # bump when the space or the kernel changes: old study journals no longer apply
 COMPONENTS = {"attention": ("attention",), "mlp": ("mlp", "experts", "shared-experts")}
 WEIGHT_RANGE = {"attention": (0.5, 1.5), "mlp": (-0.25, 1.5)}
 SEARCHABLE = {role for roles in COMPONENTS.values() for role in roles}
@@ -32,7 +32,8 @@ SEARCHABLE = {role for roles in COMPONENTS.values() for role in roles}
 def ranges(num_layers: int) -> dict[str, tuple[float, float]]:
     """Every parameter's ``(low, high)`` for a model of ``num_layers`` decoder layers."""
     last = max(num_layers - 1, 0)
-    space = {"measurement": (0.2 * num_layers, 0.9 * num_layers)}
+    # index 0 (the embeddings of the template's last token, the same for every prompt) has no direction
+    space = {"measurement": (max(0.2 * num_layers, 1.0), max(0.9 * num_layers, 1.0))}
     for c in COMPONENTS:
         space[f"{c}_peak"] = (0.2 * last, 1.0 * last)
         space[f"{c}_width"] = (1.0, max(1.5, 0.6 * last))
