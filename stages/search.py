@@ -8,8 +8,9 @@ settings, bit for bit) and is scored on the validation prompts (``stages.validat
 ``--validation`` prompts of the measurement files, never the eval sets): refusals of short greedy
 answers (``--proxy-tokens``) and the mean first-token KL against the base model. Trials whose KL
 exceeds ``--kl-budget`` are infeasible for the sampler and are not answered. At the end the ``--confirm-top`` best
-trials within the budget are confirmed with real answers (``--confirm-tokens``); the chosen trial
-has the fewest confirmed refusals (then the lowest KL). The first trial is the default ablation
+trials within the budget are confirmed with real answers (``--confirm-tokens``) to more harmful
+prompts (``--confirm-prompts``, the last ones of the file, the validation ones among them); the chosen
+trial has the fewest confirmed refusals (then the lowest KL). The first trial is the default ablation
 (what ``plan`` does with ``layers: auto`` and ``measurement: auto``, read from ``--scores``);
 ``--kl-budget auto`` makes its KL the budget, so the chosen trial refuses least among the trials
 that do no more damage than the default, and is the default itself if none beats it.
@@ -82,7 +83,8 @@ def write_outputs(doc: dict, out: Path, plot: Path) -> None:
 
 def run_search(model_dir: Path, directions: Path, harmful: str, harmless: str, out: Path, plot: Path, *,
                scores: Path | None = None, trials: int = 0, seed: int = 0, kl_budget: float | str = "auto",
-               validation: int = 32, proxy_tokens: int = 8, confirm_tokens: int = 48, confirm_top: int = 8, startup_trials: int = 20, batch_size: int = 32,
+               validation: int = 32, proxy_tokens: int = 8, confirm_prompts: int = 128, confirm_tokens: int = 16,
+               confirm_top: int = 6, startup_trials: int = 20, batch_size: int = 32,
                dtype: str = "float32", device: str = "auto", threads: int = 2, norm_preserve: bool = True,
                projected: bool = True, sparsity: float = 0.0, targets: str = "attention,mlp,experts,shared-experts",
                scale: float = 1.0, auto_fraction: float = 0.5, system_prompt: str = "", chat_template: str = "",
@@ -93,6 +95,8 @@ def run_search(model_dir: Path, directions: Path, harmful: str, harmless: str, o
     ablation, the first trial; without ``scores`` there is none and ``kl_budget`` must be a number."""
     budget = parse_budget(kl_budget)
     _check(trials, validation, proxy_tokens, confirm_tokens, confirm_top, batch_size, threads)
+    if confirm_prompts < 1:
+        fail(f"search.confirm-prompts must be at least 1, got {confirm_prompts}")
     if trials == 0:
         doc = {"format": FORMAT, "status": "skipped", "reason": "search.trials is 0", "how": HOW, "trials": []}
         write_outputs(doc, out, plot)
@@ -114,6 +118,7 @@ def run_search(model_dir: Path, directions: Path, harmful: str, harmless: str, o
 
     study = Study(model_dir, directions, harmful, harmless, seed=seed, kl_budget=budget,
                   default={"scores": scores, "scale": scale, "auto_fraction": auto_fraction}, validation=validation,
+                  confirm_prompts=confirm_prompts,
                   proxy_tokens=proxy_tokens, startup_trials=startup_trials, batch_size=batch_size, dtype=dtype,
                   device=device, threads=threads, options={"norm_preserve": norm_preserve, "projected": projected,
                                                            "targets": list(roles)}, sparsity=sparsity,
@@ -183,8 +188,10 @@ def main(
     auto_fraction: Annotated[float, typer.Option(help="ablate.auto-fraction (of the default ablation).")] = 0.5,
     validation: Annotated[int, typer.Option(help="Validation prompts per set (the last N of each file).")] = 32,
     proxy_tokens: Annotated[int, typer.Option(help="Greedy tokens per harmful prompt in each trial.")] = 8,
-    confirm_tokens: Annotated[int, typer.Option(help="Greedy tokens when confirming the best trials.")] = 48,
-    confirm_top: Annotated[int, typer.Option(help="Best trials within the budget confirmed by real answers.")] = 8,
+    confirm_prompts: Annotated[int, typer.Option(help="Harmful prompts (the last N of the file) that confirm the "
+                                                      "best trials.")] = 128,
+    confirm_tokens: Annotated[int, typer.Option(help="Greedy tokens when confirming the best trials.")] = 16,
+    confirm_top: Annotated[int, typer.Option(help="Best trials within the budget confirmed by real answers.")] = 6,
     startup_trials: Annotated[int, typer.Option(help="Random trials before TPE starts modelling.")] = 20,
     batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 32,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto.")] = "float32",
@@ -203,7 +210,8 @@ def main(
     """Search the layer kernels and measurement that remove the most refusals within a KL budget."""
     run_search(model, directions, harmful, harmless, out, plot, scores=scores, trials=trials, seed=seed,
                kl_budget=kl_budget, scale=scale, auto_fraction=auto_fraction,
-               validation=validation, proxy_tokens=proxy_tokens, confirm_tokens=confirm_tokens,
+               validation=validation, proxy_tokens=proxy_tokens, confirm_prompts=confirm_prompts,
+               confirm_tokens=confirm_tokens,
                confirm_top=confirm_top, startup_trials=startup_trials, batch_size=batch_size, dtype=dtype,
                device=device, threads=threads, norm_preserve=parse_bool(norm_preserve, "--norm-preserve"),
                projected=parse_bool(projected, "--projected"), sparsity=sparsity, targets=targets,

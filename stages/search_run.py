@@ -29,7 +29,7 @@ from stages.cliutil import console, fail
 class Study:
     def __init__(self, model_dir: Path, directions: Path, harmful: str, harmless: str, *, seed: int,
                  kl_budget: float | None, default: dict,
-                 validation: int, proxy_tokens: int, startup_trials: int, batch_size: int, dtype: str, device: str,
+                 validation: int, confirm_prompts: int, proxy_tokens: int, startup_trials: int, batch_size: int, dtype: str, device: str,
                  threads: int, options: dict, sparsity: float, system_prompt: str, chat_template: str,
                  journal_dir: str):
         import torch
@@ -67,14 +67,16 @@ class Study:
         self.roles = component_roles(options["targets"])
         self.layers_with = {c: {m.layer for m in matches if m.layer is not None and m.rule.role in roles}
                             for c, roles in self.roles.items()}
-        self.sets = split_validation(harmful, harmless, validation)
+        self.sets = split_validation(harmful, harmless, validation, confirm_prompts)
         tokenizer = load_tokenizer(model_dir)
         template = resolve_template(tokenizer, chat_template)
         harmful_ids = render(tokenizer, self.sets.harmful, system_prompt, chat_template)
         harmless_ids = render(tokenizer, self.sets.harmless, system_prompt, chat_template)
         device = pick_device(device)
         model = load_model(model_dir, dtype, device)
-        self.scorer = Scorer(model, tokenizer, harmful_ids, harmless_ids, batch_size=batch_size, device=device)
+        confirm_ids = render(tokenizer, self.sets.confirm, system_prompt, chat_template)
+        self.scorer = Scorer(model, tokenizer, harmful_ids, harmless_ids, batch_size=batch_size, device=device,
+                             confirm_ids=confirm_ids)
         base_hash = self.scorer.remember_base()
         self.base_proxy = sum(self.scorer.refusals(proxy_tokens))
         self.base_confirmed: int | None = None
@@ -217,7 +219,7 @@ class Study:
         try:
             self.editor.restore()
             self.scorer.unchanged = self.num_layers
-            self.base_confirmed = sum(self.scorer.refusals(tokens, stop_early=True))
+            self.base_confirmed = sum(self.scorer.refusals(tokens, stop_early=True, confirm=True))
             done = self.completed()
             inside = [t for t in done if t.values[1] <= self.budget(done)]
             ranked = sorted(inside, key=lambda t: (t.values[0], t.values[1], t.number))[:top]
@@ -226,7 +228,7 @@ class Study:
                 ranked.append(start)  # the default ablation, confirmed for comparison
             for t in ranked:
                 self.apply(t.params)
-                confirmed[t.number] = sum(self.scorer.refusals(tokens, stop_early=True))
+                confirmed[t.number] = sum(self.scorer.refusals(tokens, stop_early=True, confirm=True))
         except KeyboardInterrupt:
             self.log.print("search: confirmation interrupted; unconfirmed trials are ranked by the proxy")
             interrupted = True
@@ -263,7 +265,8 @@ class Study:
             "settings": {"kl_budget": budget if budget != float("inf") else None,
                          "kl_budget_from": "default ablation" if self.fixed_budget is None else "search.kl-budget",
                          "seed": self.seed, "proxy_tokens": self.proxy_tokens,
-                         "confirm_tokens": confirm_tokens, "confirm_top": confirm_top},
+                         "confirm_tokens": confirm_tokens, "confirm_top": confirm_top,
+                         "confirm_prompts": len(self.sets.confirm)},
             "validation": self.sets.info, "space": {k: list(v) for k, v in ranges(self.num_layers).items()},
             "base": {"refusals": self.base_confirmed, "refusals_proxy": self.base_proxy},
             "trials": [{"trial": t.number, "kl": float(t.values[1]),
@@ -286,34 +289,35 @@ class Study:
     def report(self, doc: dict, seconds: float, out: Path) -> None:
         from rich.table import Table
 
-        n = doc["validation"]["harmful"]["count"]
-        table = Table(title="search: Pareto front (validation prompts)", title_justify="left")
-        for column in ("trial", "refusals (proxy)", "refusals", "first-token KL", "measurement"):
+        n, c = doc["validation"]["harmful"]["count"], doc["validation"]["confirm"]["count"]
+        table = Table(title=f"search: Pareto front ({n} validation prompts per set; confirmed on {c} harmful)",
+                      title_justify="left")
+        for column in ("trial", "refusals (proxy)", "refusals (confirmed)", "first-token KL", "measurement"):
             table.add_column(column, justify="right")
         for t in sorted((t for t in doc["trials"] if t["pareto"]), key=lambda t: t["kl"]):
             mark = " *" if doc["chosen"] and doc["chosen"]["trial"] == t["trial"] else ""
             table.add_row(f"{t['trial']}{mark}", f"{t['refusals_proxy']}/{n}",
-                          "" if t["refusals"] is None else f"{t['refusals']}/{n}", f"{t['kl']:.4f}",
+                          "" if t["refusals"] is None else f"{t['refusals']}/{c}", f"{t['kl']:.4f}",
                           f"{t['params']['measurement']:.2f}")
         self.log.print(table)
         base = doc["base"]
-        self.log.print(f"search: base model refuses {base['refusals']}/{n} (proxy {base['refusals_proxy']}/{n})")
+        self.log.print(f"search: base model refuses {base['refusals']}/{c} (proxy {base['refusals_proxy']}/{n})")
         budget = doc["settings"]["kl_budget"]
         start, chosen = doc["start"], doc["chosen"]
         if start is not None:
-            self.log.print(f"search: the default ablation (trial {start['trial']}): {self._refusals(start)}/{n} "
+            self.log.print(f"search: the default ablation (trial {start['trial']}): {self._refusals(start, n, c)} "
                            f"refusals, first-token KL {start['kl']:.4f}")
         if chosen is None:
             self.log.print(f"[yellow]search: no trial kept the KL within {budget}[/]; raise search.kl-budget")
         else:
-            self.log.print(f"search: chose trial {chosen['trial']}: {self._refusals(chosen)}/{n} refusals, "
+            self.log.print(f"search: chose trial {chosen['trial']}: {self._refusals(chosen, n, c)} refusals, "
                            f"first-token KL {chosen['kl']:.4f} (budget {budget:.4f}, {doc['settings']['kl_budget_from']})"
                            f", {len(chosen['layers'])} layer settings")
         self.log.print(f"search: {doc['trials_run']} trials, {doc['status']}, {seconds:.0f} s -> {out}")
 
     @staticmethod
-    def _refusals(trial: dict) -> str:
-        return str(trial["refusals"]) if trial["refusals"] is not None else f"{trial['refusals_proxy']} (proxy)"
+    def _refusals(trial: dict, n: int, c: int) -> str:
+        return f"{trial['refusals']}/{c}" if trial["refusals"] is not None else f"{trial['refusals_proxy']}/{n} (proxy)"
 
     def close(self) -> None:
         self.editor.close()

@@ -9,7 +9,10 @@ them, and its result is judged on the eval sets it never saw.
 * **refusals**: greedy answers to the harmful validation prompts, judged by ``stages.refusal``.
   Each trial uses a short answer (``proxy_tokens``, a cheap proxy); the best candidates are
   confirmed with real answers (``confirm_tokens``, stopped early once a refusal is certain, as
-  ``evaluate`` does).
+  ``evaluate`` does) to the **confirmation prompts**: the last ``confirm`` harmful prompts, a
+  superset of the validation ones. Picking the fewest of 100 noisy counts favours trials that
+  happen to suit those 32 prompts; counting again on several times as many prompts, most of them
+  unseen by the sampler, removes most of that luck from the choice.
 * **damage**: mean over the harmless validation prompts of KL(base || trial) of the first answer
   token, full vocabulary, natural log (heretic's number); the base distributions are computed once.
 
@@ -44,11 +47,13 @@ def torch_equal(a, b) -> bool:
 class ValidationSet:
     harmful: list[str]
     harmless: list[str]
+    confirm: list[str]  # harmful prompts that confirm the best trials (the last ones of the file)
     info: dict  # per set: file, first (0-based index of the first prompt used), count, sha256
 
 
-def split_validation(harmful: str | Path, harmless: str | Path, count: int) -> ValidationSet:
-    """The last ``count`` prompts of each measurement file (a clear error if a file has fewer)."""
+def split_validation(harmful: str | Path, harmless: str | Path, count: int, confirm: int = 0) -> ValidationSet:
+    """The last ``count`` prompts of each measurement file and the last ``confirm`` harmful ones
+    (0: the validation ones); a clear error if a file has fewer."""
     from stages.prompts import load_prompts, prompts_hash
 
     if count < 1:
@@ -62,18 +67,27 @@ def split_validation(harmful: str | Path, harmless: str | Path, count: int) -> V
         sets[name] = prompts[-count:]
         info[name] = {"file": str(path), "first": len(prompts) - count, "count": count,
                       "sha256": prompts_hash(sets[name])}
-    return ValidationSet(sets["harmful"], sets["harmless"], info)
+        if name == "harmful":
+            confirm = confirm or count
+            if len(prompts) < confirm:
+                fail(f"{path} has {len(prompts)} prompts but search.confirm-prompts asks for the last {confirm}; "
+                     "lower search.confirm-prompts")
+            sets["confirm"] = prompts[-confirm:]
+            info["confirm"] = {"file": str(path), "first": len(prompts) - confirm, "count": confirm,
+                               "sha256": prompts_hash(sets["confirm"])}
+    return ValidationSet(sets["harmful"], sets["harmless"], sets["confirm"], info)
 
 
 class Scorer:
     """Scores the model *as it currently is* on the rendered validation prompts."""
 
     def __init__(self, model, tokenizer, harmful_ids: list[list[int]], harmless_ids: list[list[int]], *,
-                 batch_size: int, device: str):
+                 batch_size: int, device: str, confirm_ids: list[list[int]] | None = None):
         from stages.generation import stop_ids
 
         self.model, self.tokenizer = model, tokenizer
         self.harmful_ids, self.harmless_ids = harmful_ids, harmless_ids
+        self.confirm_ids = harmful_ids if confirm_ids is None else confirm_ids
         self.batch_size, self.device = batch_size, device
         self.eos = stop_ids(model, tokenizer)
         self.pad = int(tokenizer.pad_token_id)
@@ -257,12 +271,15 @@ class Scorer:
         per_prompt = terms.sum(dim=1).clamp(min=0.0)  # [n]
         return float(per_prompt.mean())
 
-    def refusals(self, max_new_tokens: int, stop_early: bool = False) -> list[bool]:
-        """Does each harmful prompt's greedy answer (at most ``max_new_tokens``) refuse?"""
+    def refusals(self, max_new_tokens: int, stop_early: bool = False, confirm: bool = False) -> list[bool]:
+        """Does each harmful prompt's greedy answer (at most ``max_new_tokens``) refuse?
+
+        ``confirm``: answer the confirmation prompts instead (whole prompts, the path ``evaluate`` uses)."""
+        ids = self.confirm_ids if confirm else self.harmful_ids
         from stages.generation import answer_text, greedy_generate
         from stages.refusal import is_refusal
 
-        if self.share and not stop_early:
+        if self.share and not stop_early and not confirm:
             eos = set(self.eos)
             texts = []
             for ids in self._shared_greedy(max_new_tokens):
@@ -273,7 +290,7 @@ class Scorer:
         if stop_early:
             from stages.baseline import refusal_stop
 
-            stop = refusal_stop(self.tokenizer, set(range(len(self.harmful_ids))))
-        answers = greedy_generate(self.model, self.harmful_ids, max_new_tokens=max_new_tokens, eos_ids=self.eos,
+            stop = refusal_stop(self.tokenizer, set(range(len(ids))))
+        answers = greedy_generate(self.model, ids, max_new_tokens=max_new_tokens, eos_ids=self.eos,
                                   pad_id=self.pad, batch_size=self.batch_size, device=self.device, stop_early=stop)
         return [is_refusal(answer_text(self.tokenizer, a)) for a in answers]

@@ -19,7 +19,7 @@ from measure_helpers import HARMFUL, HARMLESS, write_lines
 from stages.cliutil import UserError, run_app
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = dict(validation=6, proxy_tokens=4, confirm_tokens=8, confirm_top=3, batch_size=8, device="cpu", threads=1)
+FAST = dict(validation=6, confirm_prompts=10, proxy_tokens=4, confirm_tokens=8, confirm_top=3, batch_size=8, device="cpu", threads=1)
 
 
 def _prompts(root: Path) -> tuple[str, str]:
@@ -243,15 +243,18 @@ def test_searched_plan_writes_the_model_the_trial_scored(llama, tmp_path):
     from stages.prompts import render
     from stages.validation import Scorer, split_validation
 
-    sets = split_validation(llama / "harmful.txt", llama / "harmless.txt", FAST["validation"])
+    sets = split_validation(llama / "harmful.txt", llama / "harmless.txt", FAST["validation"], FAST["confirm_prompts"])
+    assert len(sets.confirm) == 10 and sets.confirm[-6:] == sets.harmful  # the validation prompts among them
     tokenizer = load_tokenizer(llama / "base")
     ids = [render(tokenizer, s) for s in (sets.harmful, sets.harmless)]
     # loaded as evaluate loads it (load_model: no gradients, which also picks torch's kernels)
-    scorers = [Scorer(load_model(p, "float32", "cpu"), tokenizer, *ids, batch_size=8, device="cpu")
-               for p in (llama / "base", out)]
+    scorers = [Scorer(load_model(p, "float32", "cpu"), tokenizer, *ids, batch_size=8, device="cpu",
+                      confirm_ids=render(tokenizer, sets.confirm)) for p in (llama / "base", out)]
     scorers[1].base = scorers[0].first_token_logprobs().double()
     assert scorers[1].kl() == doc["chosen"]["kl"] > 0
-    assert sum(scorers[1].refusals(FAST["confirm_tokens"], stop_early=True)) == doc["chosen"]["refusals"]
+    confirmed = scorers[1].refusals(FAST["confirm_tokens"], stop_early=True, confirm=True)
+    assert len(confirmed) == 10 and sum(confirmed) == doc["chosen"]["refusals"]
+    assert doc["validation"]["confirm"]["count"] == doc["settings"]["confirm_prompts"] == 10
 
 
 def test_ctrl_c_keeps_the_best_so_far(llama, tmp_path, monkeypatch):
@@ -414,3 +417,8 @@ def test_a_bad_kl_budget_is_one_clear_line(tmp_path, budget):
 def test_auto_budget_needs_the_layer_scores(llama, tmp_path):
     with pytest.raises(UserError, match="needs the layer scores"):
         _search(llama, tmp_path, trials=2, kl_budget="auto", scores=None)
+
+
+def test_more_confirmation_prompts_than_the_file_is_one_clear_line(llama, tmp_path):
+    with pytest.raises(UserError, match="has 12 prompts but search.confirm-prompts asks for the last 13"):
+        _search(llama, tmp_path, trials=2, confirm_prompts=13)

@@ -21,7 +21,7 @@ def project(tmp_path_factory):
     env = environment(tmp)
     model = tiny.make_model("llama", tmp / "source-model", layers=3)
     params = {"evaluate.max-new-tokens": 8, "evaluate.kl-tokens": 4, "search.validation": 4,
-              "search.proxy-tokens": 4, "search.confirm-tokens": 8, "search.batch-size": 4,
+              "search.proxy-tokens": 4, "search.confirm-tokens": 8, "search.batch-size": 4, "search.confirm-prompts": 6,
               "search.startup-trials": 3, "search.threads": 1}
     root = make_project(tmp, model, env, params=params)
     first = dvc(root, env, "repro")
