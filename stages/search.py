@@ -83,8 +83,8 @@ def write_outputs(doc: dict, out: Path, plot: Path) -> None:
 
 def run_search(model_dir: Path, directions: Path, harmful: str, harmless: str, out: Path, plot: Path, *,
                scores: Path | None = None, trials: int = 0, seed: int = 0, kl_budget: float | str = "auto",
-               validation: int = 32, proxy_tokens: int = 8, confirm_prompts: int = 128, confirm_tokens: int = 16,
-               confirm_top: int = 6, startup_trials: int = 20, batch_size: int = 32,
+               validation: int = 32, proxy_tokens: int = 8, confirm_prompts: int = 96, confirm_tokens: int = 12,
+               confirm_top: int = 4, startup_trials: int = 20, batch_size: int = 32,
                dtype: str = "float32", device: str = "auto", threads: int = 2, norm_preserve: bool = True,
                projected: bool = True, sparsity: float = 0.0, targets: str = "attention,mlp,experts,shared-experts",
                scale: float = 1.0, auto_fraction: float = 0.5, system_prompt: str = "", chat_template: str = "",
@@ -189,9 +189,9 @@ def main(
     validation: Annotated[int, typer.Option(help="Validation prompts per set (the last N of each file).")] = 32,
     proxy_tokens: Annotated[int, typer.Option(help="Greedy tokens per harmful prompt in each trial.")] = 8,
     confirm_prompts: Annotated[int, typer.Option(help="Harmful prompts (the last N of the file) that confirm the "
-                                                      "best trials.")] = 128,
-    confirm_tokens: Annotated[int, typer.Option(help="Greedy tokens when confirming the best trials.")] = 16,
-    confirm_top: Annotated[int, typer.Option(help="Best trials within the budget confirmed by real answers.")] = 6,
+                                                      "best trials.")] = 96,
+    confirm_tokens: Annotated[int, typer.Option(help="Greedy tokens when confirming the best trials.")] = 12,
+    confirm_top: Annotated[int, typer.Option(help="Best trials within the budget confirmed by real answers.")] = 4,
     startup_trials: Annotated[int, typer.Option(help="Random trials before TPE starts modelling.")] = 20,
     batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 32,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto.")] = "float32",

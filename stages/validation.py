@@ -12,7 +12,7 @@ them, and its result is judged on the eval sets it never saw.
   ``evaluate`` does) to the **confirmation prompts**: the last ``confirm`` harmful prompts, a
   superset of the validation ones. Picking the fewest of 100 noisy counts favours trials that
   happen to suit those 32 prompts; counting again on several times as many prompts, most of them
-  unseen by the sampler, removes most of that luck from the choice.
+  unseen by the sampler, removes much of that luck from the choice.
 * **damage**: mean over the harmless validation prompts of KL(base || trial) of the first answer
   token, full vocabulary, natural log (heretic's number); the base distributions are computed once.
 
