@@ -99,7 +99,11 @@ WRAP = ("import resource, subprocess, sys\n"
 
 
 def timed(cmd: list[str], env: dict) -> tuple[float, float, int]:
-    """Wall seconds, CPU seconds (user + system) and peak RSS (bytes) of one command."""
+    """Wall seconds, CPU seconds (user + system) and peak RSS (bytes) of one command.
+
+    Dirty pages are flushed first (untimed), so that no command pays for the writeback of the
+    one before it (the model build writes gigabytes just before the first measurement)."""
+    os.sync()
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-S", "-c", WRAP, *cmd], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start

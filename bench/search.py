@@ -43,7 +43,7 @@ def make_study(args, journal_dir: str = ""):
     return Study(args.model, args.directions, str(ROOT / "prompts" / "harmful.txt"),
                  str(ROOT / "prompts" / "harmless.txt"), seed=args.seed,
                  kl_budget=None if args.kl_budget == "auto" else float(args.kl_budget),
-                 default={"scores": args.scores, "scale": 1.0, "auto_fraction": 0.5},
+                 default={"scores": args.scores, "auto_fraction": 0.5},
                  validation=args.validation, confirm_prompts=args.validation, proxy_tokens=args.proxy_tokens,
                  startup_trials=20,
                  batch_size=args.batch_size, dtype="float32", device=args.device, threads=args.threads,

@@ -11,7 +11,8 @@ exceeds ``--kl-budget`` are infeasible for the sampler and are not answered. At 
 trials within the budget are confirmed with real answers (``--confirm-tokens``) to more harmful
 prompts (``--confirm-prompts``, the last ones of the file, the validation ones among them); the chosen
 trial has the fewest confirmed refusals (then the lowest KL). The first trial is the default ablation
-(what ``plan`` does with ``layers: auto`` and ``measurement: auto``, read from ``--scores``);
+(what ``plan`` does with ``layers: auto``, ``measurement: auto`` and scale 1, read from ``--scores``;
+``ablate.scale`` is left out, so that trying scales never reruns a search);
 ``--kl-budget auto`` makes its KL the budget, so the chosen trial refuses least among the trials
 that do no more damage than the default, and is the default itself if none beats it.
 
@@ -87,12 +88,12 @@ def run_search(model_dir: Path, directions: Path, harmful: str, harmless: str, o
                confirm_top: int = 4, startup_trials: int = 20, batch_size: int = 32,
                dtype: str = "float32", device: str = "auto", threads: int = 2, norm_preserve: bool = True,
                projected: bool = True, sparsity: float = 0.0, targets: str = "attention,mlp,experts,shared-experts",
-               scale: float = 1.0, auto_fraction: float = 0.5, system_prompt: str = "", chat_template: str = "",
+               auto_fraction: float = 0.5, system_prompt: str = "", chat_template: str = "",
                journal_dir: str = ".dvc/tmp/search") -> dict:
     """Run the study (or record that none ran) and write ``out`` and ``plot``; return the document.
 
-    ``scores`` (score's ``metrics/layers.json``), ``scale`` and ``auto_fraction`` give the default
-    ablation, the first trial; without ``scores`` there is none and ``kl_budget`` must be a number."""
+    ``scores`` (score's ``metrics/layers.json``) and ``auto_fraction`` give the default ablation
+    (scale 1), the first trial; without ``scores`` there is none and ``kl_budget`` must be a number."""
     budget = parse_budget(kl_budget)
     _check(trials, validation, proxy_tokens, confirm_tokens, confirm_top, batch_size, threads)
     if confirm_prompts < 1:
@@ -117,7 +118,7 @@ def run_search(model_dir: Path, directions: Path, harmful: str, harmless: str, o
     from stages.search_run import Study
 
     study = Study(model_dir, directions, harmful, harmless, seed=seed, kl_budget=budget,
-                  default={"scores": scores, "scale": scale, "auto_fraction": auto_fraction}, validation=validation,
+                  default={"scores": scores, "auto_fraction": auto_fraction}, validation=validation,
                   confirm_prompts=confirm_prompts,
                   proxy_tokens=proxy_tokens, startup_trials=startup_trials, batch_size=batch_size, dtype=dtype,
                   device=device, threads=threads, options={"norm_preserve": norm_preserve, "projected": projected,
@@ -184,7 +185,6 @@ def main(
     scores: Annotated[Optional[Path], typer.Option(help="metrics/layers.json of score (the default ablation).")] = None,
     kl_budget: Annotated[str, typer.Option(help="Chosen trial: fewest refusals with first-token KL <= this; auto = "
                                                 "the default ablation's KL.")] = "auto",
-    scale: Annotated[float, typer.Option(help="ablate.scale (of the default ablation, the first trial).")] = 1.0,
     auto_fraction: Annotated[float, typer.Option(help="ablate.auto-fraction (of the default ablation).")] = 0.5,
     validation: Annotated[int, typer.Option(help="Validation prompts per set (the last N of each file).")] = 32,
     proxy_tokens: Annotated[int, typer.Option(help="Greedy tokens per harmful prompt in each trial.")] = 8,
@@ -209,7 +209,7 @@ def main(
 ) -> None:
     """Search the layer kernels and measurement that remove the most refusals within a KL budget."""
     run_search(model, directions, harmful, harmless, out, plot, scores=scores, trials=trials, seed=seed,
-               kl_budget=kl_budget, scale=scale, auto_fraction=auto_fraction,
+               kl_budget=kl_budget, auto_fraction=auto_fraction,
                validation=validation, proxy_tokens=proxy_tokens, confirm_prompts=confirm_prompts,
                confirm_tokens=confirm_tokens,
                confirm_top=confirm_top, startup_trials=startup_trials, batch_size=batch_size, dtype=dtype,

@@ -7,7 +7,7 @@ trial, builds the edits with ``stages.edits.build_edits`` (what ``plan`` runs), 
 ``stages.validation.Scorer``.
 
 The first trial is always the default ablation (``layers: auto``, the best-scored measurement,
-``ablate.scale``, as a point of the space: :func:`stages.search_space.start_point`), so the search
+scale 1, as a point of the space: :func:`stages.search_space.start_point`), so the search
 knows what it has to beat; with ``kl_budget`` None (``search.kl-budget: auto``) its KL is the
 budget: the chosen trial then refuses least among the trials that damage no more than the default.
 
@@ -62,7 +62,7 @@ class Study:
             from stages.search_space import start_point
 
             layers, best = default_layers(default["scores"], self.tensors, default["auto_fraction"], self.num_layers)
-            self.start = start_point(layers, best, default["scale"], self.num_layers)
+            self.start = start_point(layers, best, 1.0, self.num_layers)
         _, _, matches, _ = match_tensors(self.names, self.config)
         self.roles = component_roles(options["targets"])
         self.layers_with = {c: {m.layer for m in matches if m.layer is not None and m.rule.role in roles}

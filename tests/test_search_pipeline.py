@@ -67,10 +67,11 @@ def test_experiment_searches_and_plans_the_chosen_trial(project):
     assert {"heretic_refusals", "heretic_kl_first_token"} <= set(metrics)
 
     # the ablation keys the search does not read rerun plan, not the search
-    set_params(root / "params.yaml", **{"ablate.measurement": 1})
-    assert "search" not in stale(root, env, "plan") and "plan" in stale(root, env, "plan")
-    # ablate.scale sets the default ablation, the search's first trial and (kl-budget auto) its budget
-    set_params(root / "params.yaml", **{"ablate.scale": 0.5})
+    for key, value in (("ablate.measurement", 1), ("ablate.scale", 0.5)):
+        set_params(root / "params.yaml", **{key: value})
+        assert "search" not in stale(root, env, "plan") and "plan" in stale(root, env, "plan")
+    # ablate.auto-fraction shapes the default ablation, the search's first trial and (kl-budget auto) its budget
+    set_params(root / "params.yaml", **{"ablate.auto-fraction": 0.9})
     assert set(stale(root, env, "plan")) == {"search", "plan"}
     set_params(root / "params.yaml", **{"search.seed": 1})
     assert set(stale(root, env, "plan")) == {"search", "plan"}
