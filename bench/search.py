@@ -45,8 +45,7 @@ def make_study(args, journal_dir: str = ""):
                  kl_budget=None if args.kl_budget == "auto" else float(args.kl_budget),
                  default={"scores": args.scores, "auto_fraction": 0.5},
                  validation=args.validation, confirm_prompts=args.validation, proxy_tokens=args.proxy_tokens,
-                 startup_trials=20,
-                 batch_size=args.batch_size, dtype="float32", device=args.device, threads=args.threads,
+                 startup_trials=20, batch_size=args.batch_size, dtype="float32", device=args.device, threads=args.threads,
                  options={"norm_preserve": True, "projected": False,
                           "targets": ["attention", "mlp", "experts", "shared-experts"]},
                  sparsity=0.0, system_prompt="", chat_template="", journal_dir=journal_dir)

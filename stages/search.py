@@ -7,12 +7,12 @@ trial edits the loaded base model in place with the ablation engine's own code
 settings, bit for bit) and is scored on the validation prompts (``stages.validation``: the last
 ``--validation`` prompts of the measurement files, never the eval sets): refusals of short greedy
 answers (``--proxy-tokens``) and the mean first-token KL against the base model. Trials whose KL
-exceeds ``--kl-budget`` are infeasible for the sampler and are not answered. At the end the ``--confirm-top`` best
-trials within the budget are confirmed with real answers (``--confirm-tokens``) to more harmful
-prompts (``--confirm-prompts``, the last ones of the file, the validation ones among them); the chosen
-trial has the fewest confirmed refusals (then the lowest KL). The first trial is the default ablation
-(what ``plan`` does with ``layers: auto``, ``measurement: auto`` and scale 1, read from ``--scores``;
-``ablate.scale`` is left out, so that trying scales never reruns a search);
+exceeds ``--kl-budget`` are infeasible for the sampler and are not answered. At the end the
+``--confirm-top`` best trials within the budget are confirmed with real answers (``--confirm-tokens``)
+to more harmful prompts (``--confirm-prompts``, the last ones of the file, the validation ones among
+them); the chosen trial has the fewest confirmed refusals (then the lowest KL). The first trial is
+the default ablation (what ``plan`` does with ``layers: auto``, ``measurement: auto`` and scale 1,
+read from ``--scores``; ``ablate.scale`` is left out, so that trying scales never reruns a search);
 ``--kl-budget auto`` makes its KL the budget, so the chosen trial refuses least among the trials
 that do no more damage than the default, and is the default itself if none beats it.
 
@@ -55,10 +55,11 @@ def parse_budget(value: str | float) -> float | None:
     return budget
 
 
-def _check(trials: int, validation: int, proxy_tokens: int, confirm_tokens: int,
+def _check(trials: int, validation: int, proxy_tokens: int, confirm_prompts: int, confirm_tokens: int,
            confirm_top: int, batch_size: int, threads: int) -> None:
     checks = ((trials >= 0, f"search.trials must be 0 or more, got {trials}"),
               (validation >= 1, f"search.validation must be at least 1, got {validation}"),
+              (confirm_prompts >= 1, f"search.confirm-prompts must be at least 1, got {confirm_prompts}"),
               (1 <= proxy_tokens <= 512, f"search.proxy-tokens must be 1-512, got {proxy_tokens}"),
               (1 <= confirm_tokens <= 8192, f"search.confirm-tokens must be 1-8192, got {confirm_tokens}"),
               (confirm_top >= 1, f"search.confirm-top must be at least 1, got {confirm_top}"),
@@ -95,9 +96,7 @@ def run_search(model_dir: Path, directions: Path, harmful: str, harmless: str, o
     ``scores`` (score's ``metrics/layers.json``) and ``auto_fraction`` give the default ablation
     (scale 1), the first trial; without ``scores`` there is none and ``kl_budget`` must be a number."""
     budget = parse_budget(kl_budget)
-    _check(trials, validation, proxy_tokens, confirm_tokens, confirm_top, batch_size, threads)
-    if confirm_prompts < 1:
-        fail(f"search.confirm-prompts must be at least 1, got {confirm_prompts}")
+    _check(trials, validation, proxy_tokens, confirm_prompts, confirm_tokens, confirm_top, batch_size, threads)
     if trials == 0:
         doc = {"format": FORMAT, "status": "skipped", "reason": "search.trials is 0", "how": HOW, "trials": []}
         write_outputs(doc, out, plot)

@@ -28,10 +28,9 @@ from stages.cliutil import console, fail
 
 class Study:
     def __init__(self, model_dir: Path, directions: Path, harmful: str, harmless: str, *, seed: int,
-                 kl_budget: float | None, default: dict,
-                 validation: int, confirm_prompts: int, proxy_tokens: int, startup_trials: int, batch_size: int, dtype: str, device: str,
-                 threads: int, options: dict, sparsity: float, system_prompt: str, chat_template: str,
-                 journal_dir: str):
+                 kl_budget: float | None, default: dict, validation: int, confirm_prompts: int,
+                 proxy_tokens: int, startup_trials: int, batch_size: int, dtype: str, device: str, threads: int,
+                 options: dict, sparsity: float, system_prompt: str, chat_template: str, journal_dir: str):
         import torch
 
         from stages.live_edit import LiveEditor
@@ -224,7 +223,8 @@ class Study:
             inside = [t for t in done if t.values[1] <= self.budget(done)]
             ranked = sorted(inside, key=lambda t: (t.values[0], t.values[1], t.number))[:top]
             start = self.start_trial(done)
-            if start is not None and start.user_attrs.get("answered", True) and start.number not in {t.number for t in ranked}:
+            answered = start is not None and start.user_attrs.get("answered", True)
+            if answered and start.number not in {t.number for t in ranked}:
                 ranked.append(start)  # the default ablation, confirmed for comparison
             for t in ranked:
                 self.apply(t.params)
@@ -311,8 +311,8 @@ class Study:
             self.log.print(f"[yellow]search: no trial kept the KL within {budget}[/]; raise search.kl-budget")
         else:
             self.log.print(f"search: chose trial {chosen['trial']}: {self._refusals(chosen, n, c)} refusals, "
-                           f"first-token KL {chosen['kl']:.4f} (budget {budget:.4f}, {doc['settings']['kl_budget_from']})"
-                           f", {len(chosen['layers'])} layer settings")
+                           f"first-token KL {chosen['kl']:.4f} (budget {budget:.4f}, "
+                           f"{doc['settings']['kl_budget_from']}), {len(chosen['layers'])} layer settings")
         self.log.print(f"search: {doc['trials_run']} trials, {doc['status']}, {seconds:.0f} s -> {out}")
 
     @staticmethod

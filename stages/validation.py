@@ -275,17 +275,17 @@ class Scorer:
         """Does each harmful prompt's greedy answer (at most ``max_new_tokens``) refuse?
 
         ``confirm``: answer the confirmation prompts instead (whole prompts, the path ``evaluate`` uses)."""
-        ids = self.confirm_ids if confirm else self.harmful_ids
         from stages.generation import answer_text, greedy_generate
         from stages.refusal import is_refusal
 
-        if self.share and not stop_early and not confirm:
+        if self.share and not stop_early and not confirm:  # the shared-prefix path answers harmful_ids
             eos = set(self.eos)
             texts = []
-            for ids in self._shared_greedy(max_new_tokens):
-                end = next((k for k, t in enumerate(ids) if t in eos), len(ids))
-                texts.append(self.tokenizer.decode(ids[:end], skip_special_tokens=True))
+            for answer in self._shared_greedy(max_new_tokens):
+                end = next((k for k, t in enumerate(answer) if t in eos), len(answer))
+                texts.append(self.tokenizer.decode(answer[:end], skip_special_tokens=True))
             return [is_refusal(t) for t in texts]
+        ids = self.confirm_ids if confirm else self.harmful_ids
         stop = None
         if stop_early:
             from stages.baseline import refusal_stop
