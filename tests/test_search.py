@@ -422,3 +422,12 @@ def test_auto_budget_needs_the_layer_scores(llama, tmp_path):
 def test_more_confirmation_prompts_than_the_file_is_one_clear_line(llama, tmp_path):
     with pytest.raises(UserError, match="has 12 prompts but search.confirm-prompts asks for the last 13"):
         _search(llama, tmp_path, trials=2, confirm_prompts=13)
+
+
+def test_no_confirmation_prompts_is_one_clear_line(tmp_path):
+    from stages.search import run_search
+
+    with pytest.raises(UserError, match="search.confirm-prompts must be at least 1, got 0"):
+        run_search(Path("nowhere"), Path("nowhere"), "x", "y", tmp_path / "s.json", tmp_path / "s.csv", trials=2,
+                   confirm_prompts=0)
+    assert not (tmp_path / "s.json").exists()
