@@ -102,7 +102,9 @@ def decode(raw, dtype: str, out=None):
     if dtype == "BF16":
         if out is None:
             out = np.empty(raw.shape, dtype=np.float32)
-        np.left_shift(raw, 16, out=out.view(np.uint32), dtype=np.uint32)
+        bits = out.view(np.uint32)
+        np.copyto(bits, raw)  # widen, then shift in place: faster than one mixed-type shift
+        np.left_shift(bits, 16, out=bits)
         return out
     if dtype == "F16" and out is not None:
         np.copyto(out, raw, casting="unsafe")
@@ -125,10 +127,10 @@ def encode(values, dtype: str, scratch=None, out=None, finite: bool = False):
     tmp = np.empty(bits.shape, dtype=np.uint32) if scratch is None else scratch.reshape(-1)[: bits.size]
     np.right_shift(bits, 16, out=tmp)
     np.bitwise_and(tmp, 1, out=tmp)
-    np.add(tmp, bits, out=tmp)
-    np.add(tmp, 0x7FFF, out=tmp)  # + 0x7FFF + lowest kept bit: round to nearest, ties to even
+    np.add(tmp, 0x7FFF, out=tmp)
+    np.add(tmp, bits, out=tmp)  # + 0x7FFF + lowest kept bit: round to nearest, ties to even
     out = np.empty(bits.shape, dtype=np.uint16) if out is None else out.reshape(-1)[: bits.size]
-    np.copyto(out, tmp.view(np.uint16)[1::2])  # the high halves (little-endian)
+    np.right_shift(tmp, 16, out=out, casting="unsafe")  # the high halves (faster than a strided copy)
     if not finite:
         nan = np.isnan(values)
         if nan.any():
@@ -226,72 +228,162 @@ def copy_range(src: int, dst: int, offset: int, count: int) -> None:
 
 # A producer gets (input fd, tensor info, write(chunk, first_row, finite=False)) and writes every row.
 Producer = Callable[[int, TensorInfo, Callable], None]
+COPY_PIECE = 32 * 1024 * 1024  # the writer copies gaps in pieces this size, so edited chunks never wait long
+QUEUE_CHUNKS = 32  # encoded chunks waiting for the writer (at most 32 x 1 MB in flight)
 
 
-def patch_copy(src_path: str | os.PathLike, dst_path: str | os.PathLike, producers: dict[str, Producer],
-               progress: Callable[[int], None] | None = None) -> None:
+class _Cancelled(Exception):
+    """The writer stopped (an error or Ctrl-C); the producers stop too."""
+
+
+def patch_copy(src_path: str | os.PathLike, dst_path: str | os.PathLike,
+               producers: dict[str, Producer] | Callable[[], dict[str, Producer]],
+               progress: Callable[[int], None] | None = None, names: list[str] | None = None) -> None:
     """Write ``dst_path`` = ``src_path`` with the tensors in ``producers`` recomputed in place.
 
     Every byte outside the produced tensors is copied verbatim (header, offsets, metadata,
-    padding); the copies and the edited tensors run in a few threads, all writing at fixed
-    offsets. Each producer writes its tensor's rows through the ``write`` callback it gets.
-    ``progress(n)`` is called with the number of bytes done after each step.
+    padding). One writer thread does all the writing: it copies the gaps piece by piece in the
+    kernel and writes the encoded chunks that the producers (worker threads) hand it in between.
+    (Several threads writing one file contend for its inode lock, and the kernel spins on it: on
+    2 cores that had cost more CPU than the edits.) ``producers`` may be a function returning the
+    dict, called once the writer has started, with ``names`` listing the tensors it will produce:
+    a caller's slow preparation (imports, vectors) then overlaps the copy. ``progress(n)`` gets
+    the bytes done after each step (from the writer thread).
     """
+    import queue
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     header = read_header(src_path)
-    edited = sorted((header.tensors[name] for name in producers), key=lambda info: info.begin)
-    gaps, pos = [], 0
-    for info in edited:
-        if info.begin > pos:
-            gaps.append((pos, info.begin - pos))
-        pos = info.end
-    if header.size > pos:
-        gaps.append((pos, header.size - pos))
+    names = list(producers) if names is None else list(names)
+    edited = sorted((header.tensors[name] for name in names), key=lambda info: info.begin)
+    pieces, pos = [], 0
+    for begin, end in [(info.begin, info.end) for info in edited] + [(header.size, header.size)]:
+        pieces += [(at, min(COPY_PIECE, begin - at)) for at in range(pos, begin, COPY_PIECE)]
+        pos = max(pos, end)
+    chunks: queue.Queue = queue.Queue(maxsize=QUEUE_CHUNKS)
+    spare: queue.SimpleQueue = queue.SimpleQueue()  # written buffers, reused (no page zeroing per chunk)
+    stop, produced = threading.Event(), threading.Event()
+    failed: list[BaseException] = []
+
+    def put(item) -> None:
+        while not stop.is_set():
+            try:
+                chunks.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise _Cancelled
+
+    def writer() -> None:
+        try:
+            _write_all(dst, src, pieces, chunks, spare, stop, produced, progress)
+        except BaseException as exc:  # handed to the calling thread
+            failed.append(exc)
+            stop.set()
+
     src = os.open(src_path, os.O_RDONLY)
     try:
         dst = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.ftruncate(dst, header.size)
-            with ThreadPoolExecutor(max_workers=workers()) as pool:
-                jobs = [(pool.submit(copy_range, src, dst, offset, count), count) for offset, count in gaps]
-                jobs += [(pool.submit(_produce, src, dst, info, producers[info.name]), info.nbytes) for info in edited]
-                for job, count in jobs:
-                    job.result()
-                    if progress:
-                        progress(count)
+            thread = threading.Thread(target=writer, name="patch-writer")
+            thread.start()
+            try:
+                made = producers() if callable(producers) else producers
+                if sorted(made) != sorted(names):
+                    raise ValueError(f"producers for {sorted(made)}, expected {sorted(names)}")
+                with ThreadPoolExecutor(max_workers=workers()) as pool:
+                    try:
+                        jobs = [pool.submit(_produce, src, info, made[info.name], put, spare) for info in edited]
+                        for job in jobs:
+                            error = job.exception()
+                            if error is not None and not failed:  # (after a writer error: its _Cancelled)
+                                raise error
+                    except BaseException:  # a producer's error or Ctrl-C: stop the writer and the others
+                        stop.set()
+                        raise
+            except BaseException:
+                stop.set()
+                raise
+            finally:
+                produced.set()
+                thread.join()
+            if failed:
+                raise failed[0]
         finally:
             os.close(dst)
     finally:
         os.close(src)
 
 
+def _write_all(dst: int, src: int, pieces: list[tuple[int, int]], chunks, spare, stop, produced, progress) -> None:
+    """The writer: edited chunks first whenever some are ready, otherwise the next gap piece; it
+    ends when every piece is copied and the producers are done (``produced``) with nothing queued."""
+    import queue
+
+    pieces = list(reversed(pieces))
+    while not stop.is_set():
+        try:
+            offset, data, buffer = chunks.get_nowait() if pieces else chunks.get(timeout=0.05)
+        except queue.Empty:
+            if pieces:
+                offset, count = pieces.pop()
+                copy_range(src, dst, offset, count)
+                if progress:
+                    progress(count)
+            elif produced.is_set() and chunks.empty():
+                return
+            continue
+        write_at(dst, data, offset)
+        spare.put(buffer)
+        if progress:
+            progress(len(data))
+    raise _Cancelled
+
+
 def workers() -> int:
-    """Threads for one shard: the kernel copies and the edited tensors run side by side (numpy and
-    ``copy_file_range`` release the GIL). ``ABLITERATE_THREADS`` sets the number."""
+    """Producer threads for one shard (numpy releases the GIL): as many as the CPUs, 2 to 8, so no
+    core idles once the writer is done copying. ``ABLITERATE_THREADS`` sets the number."""
     value = os.environ.get("ABLITERATE_THREADS", "")
     if value.isdigit() and int(value) > 0:
         return int(value)
     return max(2, min(8, os.cpu_count() or 2))
 
 
-def _produce(src: int, dst: int, info: TensorInfo, producer: Producer) -> None:
+def _produce(src: int, info: TensorInfo, producer: Producer, put: Callable, spare) -> None:
+    import queue
+
     import numpy as np
 
     _, cols = as_rows(info)
-    item = FLOAT_DTYPES[info.dtype][1]
+    storage, item = FLOAT_DTYPES[info.dtype]
     written = [0]
-    buffers: list = []
+    scratch: list = []
+
+    def buffer(size: int):  # a spare output buffer of at least ``size`` items, else a new one
+        try:
+            found = spare.get_nowait()
+        except queue.Empty:
+            found = None
+        if found is None or found.dtype != storage or found.size < size:
+            found = np.empty(max(size, CHUNK_ELEMENTS), dtype=storage)
+        return found
 
     def write(chunk, first_row: int, finite: bool = False) -> None:
-        if info.dtype == "BF16" and (not buffers or buffers[0].size < chunk.size):
-            buffers[:] = [np.empty(chunk.size, dtype=np.uint32), np.empty(chunk.size, dtype=np.uint16)]
-        data = encode(chunk, info.dtype, *buffers, finite=finite) if buffers else encode(chunk, info.dtype)
+        out = buffer(chunk.size)
+        if info.dtype == "BF16":
+            if not scratch or scratch[0].size < chunk.size:
+                scratch[:] = [np.empty(chunk.size, dtype=np.uint32)]
+            data = encode(chunk, info.dtype, scratch[0], out, finite=finite)
+        else:
+            data = out[: chunk.size]
+            np.copyto(data, chunk.reshape(-1), casting="unsafe")
         data = memoryview(data).cast("B")
         offset = info.begin + first_row * cols * item
         if offset < info.begin or offset + len(data) > info.end:
             raise ValueError(f"write outside tensor {info.name}")
-        write_at(dst, data, offset)
+        put((offset, data, out))
         written[0] += len(data)
 
     producer(src, info, write)

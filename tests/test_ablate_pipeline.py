@@ -76,6 +76,33 @@ def test_failures_leave_no_output(ablated, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stale.json"]  # no output, no temporary file
 
 
+def test_the_command_dvc_runs_matches_the_typer_command(ablated, tmp_path, capsys):
+    """``python -m stages.ablate --base B --plan P --out O`` (DVC's form, read without typer) writes
+    the same bytes as the typer command; its errors are one line and exit 2; --help is typer's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, base, out = ablated
+    key, name = next((k, n) for k, n in _keys(root).items() if load_plan(root / "plan" / f"{k}.json")["edits"])
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+
+    def module(*argv):
+        return subprocess.run([sys.executable, "-m", "stages.ablate", *map(str, argv)], env=env,
+                              capture_output=True, text=True)
+
+    done = module("--out", tmp_path / name, "--plan", root / "plan" / f"{key}.json", "--base", base / name)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / name).read_bytes() == (out / name).read_bytes()
+    failed = module("--base", base / name, "--plan", tmp_path / "missing.json", "--out", tmp_path / "x.safetensors")
+    assert failed.returncode == 2 and failed.stderr.strip().splitlines() == [
+        f"error: plan file {tmp_path / 'missing.json'} does not exist; run `dvc repro plan` first"]
+    partial = module("--base", base / name, "--plan", root / "plan" / f"{key}.json")
+    assert partial.returncode == 2 and "Missing option '--out'" in partial.stderr
+    assert "Usage" in module("--help").stdout and not (tmp_path / "x.safetensors").exists()
+
+
 def test_unedited_shards_are_byte_copies_and_chunking_does_not_matter(ablated, tmp_path, monkeypatch):
     root, base, out = ablated
     plans = {name: load_plan(root / "plan" / f"{key}.json") for key, name in _keys(root).items()}

@@ -108,6 +108,50 @@ def test_a_producer_that_writes_too_little_is_an_error(shard, tmp_path):
         sio.patch_copy(path, tmp_path / "x.safetensors", {"a.weight": lambda fd, info, write: None})
 
 
+def test_errors_on_either_side_of_the_writer_end_the_copy(shard, tmp_path, monkeypatch):
+    """A producer failing mid-tensor, or the writer failing (a full disk), raises; nothing hangs
+    even with the chunk queue full (the producers stop when the writer does)."""
+    path, _ = shard
+    monkeypatch.setattr(sio, "QUEUE_CHUNKS", 1)
+    monkeypatch.setattr(sio, "COPY_PIECE", 16)  # many gap pieces between the chunks
+
+    def rows(fail_at=None):
+        def produce(fd, info, write):
+            for a, b in sio.row_chunks(info, chunk_elements=8):
+                if a == fail_at:
+                    raise RuntimeError("producer failed")
+                write(sio.read_rows(fd, info, a, b), a)
+        return produce
+
+    with pytest.raises(RuntimeError, match="producer failed"):
+        sio.patch_copy(path, tmp_path / "x.safetensors", {"a.weight": rows(), "b.bf16": rows(fail_at=3)})
+    calls = [0]
+    real = sio.write_at
+
+    def full_disk(fd, data, offset):
+        calls[0] += 1
+        if calls[0] > 2:
+            raise OSError(28, "No space left on device")
+        real(fd, data, offset)
+
+    monkeypatch.setattr(sio, "write_at", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        sio.patch_copy(path, tmp_path / "y.safetensors", {"a.weight": rows(), "b.bf16": rows(), "c.f16": rows()})
+    monkeypatch.setattr(sio, "write_at", real)
+    sio.patch_copy(path, tmp_path / "z.safetensors", {"a.weight": rows(), "b.bf16": rows(), "c.f16": rows()})
+    assert (tmp_path / "z.safetensors").read_bytes() == path.read_bytes()  # read back unchanged: a copy
+
+
+def test_direct_options_take_exactly_the_named_options():
+    from stages.cliutil import direct_options
+
+    names = ("--base", "--plan", "--out")
+    assert direct_options(["--plan", "p", "--base", "b", "--out", "o"], names) == {"base": "b", "plan": "p", "out": "o"}
+    for argv in (["--help"], ["--base", "b", "--plan", "p"], ["--base", "b", "--plan", "p", "--out", "o", "-v", "x"],
+                 ["--base", "b", "--base", "b2", "--out", "o"], ["--base", "--plan", "--out", "o", "--plan", "p"]):
+        assert direct_options(argv, names) is None, argv
+
+
 def test_broken_files_are_user_errors(tmp_path, shard):
     path, _ = shard
     short = tmp_path / "short.safetensors"
