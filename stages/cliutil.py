@@ -11,7 +11,6 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
-import typer
 
 EXIT_USER_ERROR = 2
 T = TypeVar("T")
@@ -60,12 +59,22 @@ def quiet_libraries() -> None:
 
 def new_app(help_text: str) -> typer.Typer:
     """A typer app configured the same way everywhere (no locals in tracebacks, no completion)."""
+    import typer
+
     return typer.Typer(
         help=help_text,
         add_completion=False,
         pretty_exceptions_show_locals=False,
         no_args_is_help=False,
     )
+
+
+def option(**kwargs):
+    """``typer.Option(**kwargs)``, importing typer only when a command's options are read: a module
+    whose annotations use this instead of ``typer.Option`` can run without importing typer."""
+    import typer
+
+    return typer.Option(**kwargs)
 
 
 def _exception_classes(name: str) -> tuple[type, ...]:
