@@ -5,8 +5,8 @@ each tensor name to ``dtype``, ``shape`` and ``data_offsets`` (relative to the d
 may hold ``__metadata__``. :func:`patch_copy` writes a copy of a shard in which only chosen
 tensors' byte ranges are recomputed: the header bytes, every offset and ``__metadata__`` stay
 identical, untouched ranges are copied by the kernel (``copy_file_range``, a reflink where the
-file system has them), and an edited tensor is produced chunk by chunk, so memory stays at one
-chunk (not one tensor, not one shard). Chunks are numpy arrays (bf16 is decoded and rounded back
+file system has them), and an edited tensor is produced chunk by chunk, so memory stays at a few
+chunks (``QUEUE_CHUNKS`` waiting to be written, one per producer thread; never a tensor or a shard). Chunks are numpy arrays (bf16 is decoded and rounded back
 by bit operations), so the ablate stage starts without importing torch.
 """
 
