@@ -103,6 +103,21 @@ def test_the_command_dvc_runs_matches_the_typer_command(ablated, tmp_path, capsy
     assert "Usage" in module("--help").stdout and not (tmp_path / "x.safetensors").exists()
 
 
+def test_a_terminal_gets_a_progress_bar_and_the_same_bytes(ablated, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from stages.ablate import ablate
+
+    root, base, out = ablated
+    key, name = next((k, n) for k, n in _keys(root).items() if load_plan(root / "plan" / f"{k}.json")["edits"])
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    capsys.readouterr()
+    assert ablate(base / name, root / "plan" / f"{key}.json", tmp_path / name) > 0
+    err = capsys.readouterr().err
+    assert f"ablate {name}" in err and "tensors edited" in err
+    assert (tmp_path / name).read_bytes() == (out / name).read_bytes()
+
+
 def test_unedited_shards_are_byte_copies_and_chunking_does_not_matter(ablated, tmp_path, monkeypatch):
     root, base, out = ablated
     plans = {name: load_plan(root / "plan" / f"{key}.json") for key, name in _keys(root).items()}
