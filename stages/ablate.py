@@ -181,8 +181,13 @@ def main(
     # One matrix-vector product per chunk gains nothing from BLAS threads, whose idle spinning
     # takes the cores the producer and writer threads need (numpy is not imported yet here).
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    collecting = gc.isenabled()
     gc.disable()  # the chunk loop makes no reference cycles; full collections only cost time
-    ablate(base, plan, out)
+    try:
+        ablate(base, plan, out)
+    finally:
+        if collecting:  # called in-process (tests, a notebook): leave the collector as it was
+            gc.enable()
 
 
 def __getattr__(name: str):

@@ -74,6 +74,9 @@ def test_failures_leave_no_output(ablated, tmp_path, capsys):
     code, err = _invoke(["--base", base / name, "--plan", tmp_path / "stale.json", "--out", tmp_path / name], capsys)
     assert code == 2 and "rerun `dvc repro plan`" in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stale.json"]  # no output, no temporary file
+    import gc
+
+    assert gc.isenabled()  # the command pauses the garbage collector, and restores it when called in-process
 
 
 def test_the_command_dvc_runs_matches_the_typer_command(ablated, tmp_path, capsys):
