@@ -10,8 +10,8 @@ layer (attention and MLP writers: about a third of each shard's bytes), then mea
 * the peak RSS of each ablate process (measured from a small parent) against the largest shard.
 
 Copies and ablations alternate shard by shard for ``--repeat`` rounds (best of each kept, and
-which goes first alternates too), so both see the same machine load. Targets: ablate time at most 2x the copy, peak RSS below half of the
-largest shard.
+which goes first alternates too), so both see the same machine load. Targets: ablate time at most
+2x the copy, peak RSS below half of the largest shard.
 
     python bench/ablate.py [--shards 4] [--layers-per-shard 3] [--repeat 5] [--dir DIR] [--keep]
 """

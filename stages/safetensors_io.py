@@ -6,8 +6,9 @@ may hold ``__metadata__``. :func:`patch_copy` writes a copy of a shard in which 
 tensors' byte ranges are recomputed: the header bytes, every offset and ``__metadata__`` stay
 identical, untouched ranges are copied by the kernel (``copy_file_range``, a reflink where the
 file system has them), and an edited tensor is produced chunk by chunk, so memory stays at a few
-chunks (``QUEUE_CHUNKS`` waiting to be written, one per producer thread; never a tensor or a shard). Chunks are numpy arrays (bf16 is decoded and rounded back
-by bit operations), so the ablate stage starts without importing torch.
+chunks (``QUEUE_CHUNKS`` waiting to be written, one per producer thread; never a tensor or a
+shard). Chunks are numpy arrays (bf16 is decoded and rounded back by bit operations), so the
+ablate stage starts without importing torch.
 """
 
 from __future__ import annotations
@@ -289,24 +290,23 @@ def patch_copy(src_path: str | os.PathLike, dst_path: str | os.PathLike,
             os.ftruncate(dst, header.size)
             thread = threading.Thread(target=writer, name="patch-writer")
             thread.start()
+            pool = None
             try:
                 made = producers() if callable(producers) else producers
                 if sorted(made) != sorted(names):
                     raise ValueError(f"producers for {sorted(made)}, expected {sorted(names)}")
-                with ThreadPoolExecutor(max_workers=workers()) as pool:
-                    try:
-                        jobs = [pool.submit(_produce, src, info, made[info.name], put, spare) for info in edited]
-                        for job in jobs:
-                            error = job.exception()
-                            if error is not None and not failed:  # (after a writer error: its _Cancelled)
-                                raise error
-                    except BaseException:  # a producer's error or Ctrl-C: stop the writer and the others
-                        stop.set()
-                        raise
-            except BaseException:
+                pool = ThreadPoolExecutor(max_workers=workers())
+                jobs = [pool.submit(_produce, src, info, made[info.name], put, spare) for info in edited]
+                for job in jobs:
+                    error = job.exception()
+                    if error is not None and not failed:  # (after a writer error: its _Cancelled)
+                        raise error
+            except BaseException:  # a producer's error or Ctrl-C: stop the writer and the other producers
                 stop.set()
                 raise
-            finally:
+            finally:  # (after the except: the producers are already told to stop when the pool is awaited)
+                if pool is not None:
+                    pool.shutdown()
                 produced.set()
                 thread.join()
             if failed:
