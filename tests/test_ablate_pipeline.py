@@ -74,6 +74,12 @@ def test_failures_leave_no_output(ablated, tmp_path, capsys):
     code, err = _invoke(["--base", base / name, "--plan", tmp_path / "stale.json", "--out", tmp_path / name], capsys)
     assert code == 2 and "rerun `dvc repro plan`" in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stale.json"]  # no output, no temporary file
+    broken = load_plan(root / "plan" / f"{edited}.json")
+    broken["edits"][0]["vector"] = "missing"
+    (tmp_path / "stale.json").write_text(json.dumps(broken))
+    code, err = _invoke(["--base", base / name, "--plan", tmp_path / "stale.json", "--out", tmp_path / name], capsys)
+    assert code == 2 and "names a vector the plan does not hold" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stale.json"]
     import gc
 
     assert gc.isenabled()  # the command pauses the garbage collector, and restores it when called in-process
