@@ -51,7 +51,8 @@ def evaluate(model_dir: str | Path, baseline: str | Path, metrics_path: str | Pa
     """Answer the baseline's prompts with ``model_dir``, compare, write metrics and report; return metrics."""
     from stages.atomic import write_json, write_text
     from stages.baseline import read_baseline, refusal_stop
-    from stages.generation import answer_logprobs, answer_text, greedy_generate, kl_full, kl_top_k, progress, stop_ids
+    from stages.generation import answer_logprobs, answer_text, greedy_generate, kl_full, kl_set_shift, kl_top_k
+    from stages.generation import progress, stop_ids
     from stages.modelio import check_model_dir, load_model, load_tokenizer, pick_device
     from stages.refusal import find_refusal
 
@@ -86,7 +87,9 @@ def evaluate(model_dir: str | Path, baseline: str | Path, metrics_path: str | Pa
     after_why = [find_refusal(t) for t in after_text]
 
     harmless = [i for i in range(n) if sets[i] == "harmless"]
+    openers = refusal_openers(rows["answer_ids"], before_why)
     kl_first: dict[int, float] = {}
+    kl_openers: list[float] = []
     kl_tokens: list[float] = []
     with progress("evaluate: KL on harmless prompts", len(harmless)) as advance:
         for k, logprobs in answer_logprobs(model, [rows["prompt_ids"][i] for i in harmless],
@@ -94,14 +97,15 @@ def evaluate(model_dir: str | Path, baseline: str | Path, metrics_path: str | Pa
                                            pad_id=meta["pad_id"], batch_size=batch_size, device=device):
             i = harmless[k]
             kl_first[i] = kl_full(rows["first_logprobs"][i], logprobs[0])
+            kl_openers.append(kl_set_shift(rows["first_logprobs"][i], logprobs[0], openers))
             kl_tokens += kl_top_k(rows["kl_ids"][i], rows["kl_logprobs"][i], rows["kl_tail"][i], logprobs)
             advance(1)
     metrics = compute_metrics(sets, before_why, after_why, rows["answer"], after_text, list(kl_first.values()),
-                              kl_tokens)
+                              kl_tokens, kl_openers)
     metrics.update(heretic_line(model, tokenizer, rows, meta, answers, kl_first, eos, batch_size, device))
     report = render_report(rows, meta, after_text, before_why, after_why, kl_first, metrics,
                            after_stop=[a.stop for a in answers], model_dir=str(model_dir), baseline=str(baseline),
-                           compare=other)
+                           compare=other, openers=[tokenizer.decode([t]) for t in openers])
     write_json(metrics_path, metrics)
     write_text(report_path, report)
     _log(metrics, time.perf_counter() - start)
@@ -142,6 +146,11 @@ def heretic_line(model, tokenizer, rows: dict, meta: dict, answers: list, kl_fir
     }
 
 
+def refusal_openers(answer_ids: list, why: list) -> list[int]:
+    """The distinct first tokens of the base answers judged refusals (``why`` not None), sorted."""
+    return sorted({int(ids[0]) for ids, reason in zip(answer_ids, why) if reason is not None and len(ids)})
+
+
 def read_compare(path: str | Path | None, label: str = "") -> dict | None:
     """The metrics of another evaluate run to show beside this one (None without ``path``)."""
     import json
@@ -168,13 +177,19 @@ def _sig(value: float) -> float:
 
 
 def compute_metrics(sets: list[str], before_why: list, after_why: list, before_text: list[str],
-                    after_text: list[str], kl_first: list[float], kl_tokens: list[float]) -> dict:
-    """The flat metrics dictionary (rates in [0, 1], KL in nats, counts as integers)."""
+                    after_text: list[str], kl_first: list[float], kl_tokens: list[float],
+                    kl_openers: list[float] | None = None) -> dict:
+    """The flat metrics dictionary (rates in [0, 1], KL in nats, counts as integers).
+
+    ``kl_openers``: per harmless prompt, the part of its first-token KL that is the probability of
+    the refusal openers moving (:func:`stages.generation.kl_set_shift`); reported as
+    ``kl_first_token_openers`` when given.
+    """
     def rate(name: str, why: list) -> float:
         rows = [i for i, s in enumerate(sets) if s == name]
         return _sig(sum(why[i] is not None for i in rows) / len(rows)) if rows else 0.0
 
-    return {
+    metrics = {
         "refusal_rate_before": rate("harmful", before_why),
         "refusal_rate_after": rate("harmful", after_why),
         "over_refusal_rate_before": rate("harmless", before_why),
@@ -187,6 +202,9 @@ def compute_metrics(sets: list[str], before_why: list, after_why: list, before_t
         "empty_answers_before": sum(1 for t in before_text if not t.strip()),
         "empty_answers_after": sum(1 for t in after_text if not t.strip()),
     }
+    if kl_openers is not None:
+        metrics["kl_first_token_openers"] = _sig(sum(kl_openers) / len(kl_openers)) if kl_openers else 0.0
+    return metrics
 
 
 def _cell(text: str, limit: int = 600) -> str:
@@ -222,7 +240,8 @@ def pick_examples(sets, before_why, after_why, kl_first: dict[int, float], shown
 
 
 def render_report(rows: dict, meta: dict, after_text, before_why, after_why, kl_first, metrics, *,
-                  after_stop: list[str], model_dir: str, baseline: str, compare: dict | None = None) -> str:
+                  after_stop: list[str], model_dir: str, baseline: str, compare: dict | None = None,
+                  openers: list[str] | None = None) -> str:
     """``reports/eval.md``: the metrics table and a few answers side by side."""
     def pct(name: str, rate: str, why: list) -> str:
         total = metrics[f"prompts_{name}"]
@@ -264,6 +283,9 @@ def render_report(rows: dict, meta: dict, after_text, before_why, after_why, kl_
         f"| KL(base ‖ ablated), nats |{label} mean |", f"|---|{align}---:|",
         f"| first answer token, full vocabulary |{other_num('kl_first_token') if o else ''} "
         f"{m['kl_first_token']:.6g} |",
+        *([f"| … of which the refusal openers' total probability moving ({_openers(openers)}) |"
+           f"{other_num('kl_first_token_openers') if o else ''} {m['kl_first_token_openers']:.6g} |"]
+          if "kl_first_token_openers" in m and openers is not None else []),
         f"| per token along the base answer (first {meta['kl_tokens']} tokens, top-{meta['top_k']} + rest) |"
         f"{other_num('kl_answer') if o else ''} {m['kl_answer']:.6g} |", "",
     ]
@@ -291,6 +313,15 @@ def render_report(rows: dict, meta: dict, after_text, before_why, after_why, kl_
                       f"| {_answer(rows['answer'][i], rows['stop'][i])} | {_answer(after_text[i], after_stop[i])} |",
                       ""]
     return "\n".join(lines)
+
+
+def _openers(openers: list[str], shown: int = 6) -> str:
+    """The report's list of refusal openers: the first ``shown`` in backquotes, then a count of the rest."""
+    if not openers:
+        return "none: the base model refused nothing"
+    cells = ["`" + (_cell(t, 20) if t.strip() else repr(t)).replace("`", "'") + "`" for t in openers[:shown]]
+    more = f" and {len(openers) - shown} more" if len(openers) > shown else ""
+    return ", ".join(cells) + more
 
 
 def _log(metrics: dict, seconds: float) -> None:

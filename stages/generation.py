@@ -170,6 +170,33 @@ def kl_full(base_logprobs, other_logprobs) -> float:
     return float(terms.sum().clamp(min=0.0))
 
 
+def kl_set_shift(base_logprobs, other_logprobs, ids: list[int]) -> float:
+    """The part of KL(base || other) that is the total probability of the tokens ``ids`` moving.
+
+    With ``p_S``, ``q_S`` the probability both put on the set, the chain rule splits the KL exactly:
+    ``KL(p||q) = KL([p_S, 1-p_S] || [q_S, 1-q_S]) + p_S KL(p|S || q|S) + (1-p_S) KL(p|not S || q|not S)``.
+    This returns the first, two-outcome term (nats, fp64; 0 <= it <= :func:`kl_full`); 0 for no ``ids``.
+    """
+    import math
+
+    import torch
+
+    if not ids:
+        return 0.0
+    index = torch.as_tensor(sorted(set(ids)), dtype=torch.long)
+    split = []  # [(log p_S, log (1 - p_S))] for base, then other
+    for logprobs in (base_logprobs, other_logprobs):
+        inside = float(torch.logsumexp(torch.as_tensor(logprobs, dtype=torch.float64)[index], dim=0))
+        inside = min(inside, 0.0)
+        outside = math.log1p(-math.exp(inside)) if inside < 0.0 else float("-inf")
+        split.append((inside, outside))
+    total = 0.0
+    for p_log, q_log in zip(split[0], split[1]):
+        if p_log > float("-inf"):  # an outcome base gives no probability adds nothing
+            total += math.exp(p_log) * (max(p_log, -1e4) - max(q_log, -1e4))
+    return max(total, 0.0)
+
+
 def top_k_summary(logprobs, k: int):
     """Compress ``[n, vocab]`` log-probabilities to top-k ids ``[n, k]``, their log-probs ``[n, k]``
     and the log of the remaining (tail) mass ``[n]`` (-inf when nothing is left)."""

@@ -120,6 +120,35 @@ def test_perturbed_model_gives_positive_kl(work):
     assert metrics["kl_first_token"] > 1e-6 and metrics["kl_answer"] > 1e-6
 
 
+def test_refusal_openers_part_of_the_kl(work, monkeypatch):
+    import torch
+
+    import stages.refusal
+    from stages.baseline import read_baseline
+    from stages.evaluate import refusal_openers
+
+    rows, _ = read_baseline(work / "baseline.parquet")
+    assert refusal_openers(rows["answer_ids"], [None] * len(rows["set"])) == []
+    why = ["apology" if s == "harmful" else None for s in rows["set"]]
+    firsts = sorted({int(ids[0]) for ids, s in zip(rows["answer_ids"], rows["set"]) if s == "harmful"})
+    assert refusal_openers(rows["answer_ids"], why) == firsts
+
+    def perturb(model):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.mlp.down_proj.weight.add_(0.05 * torch.randn_like(layer.mlp.down_proj.weight))
+
+    harmful_answers = {a for a, s in zip(rows["answer"], rows["set"]) if s == "harmful"}
+    # the tiny model refuses nothing: call the base's harmful answers refusals, so they have openers
+    monkeypatch.setattr(stages.refusal, "find_refusal", lambda text: "apology" if text in harmful_answers else None)
+    metrics, report = _evaluate(work, _variant(work, "perturbed", perturb), "perturbed-openers")
+    assert 0 < metrics["kl_first_token_openers"] < metrics["kl_first_token"]
+    assert "| … of which the refusal openers' total probability moving (`" in report
+    same, report = _evaluate(work, _variant(work, "same"), "same-openers", batch_size=3)
+    assert same["kl_first_token_openers"] == 0.0
+
+
 def test_a_model_that_says_nothing_refuses_everything(work):
     import torch
 
@@ -145,7 +174,9 @@ def test_metrics_and_examples_from_verdicts():
     before = ["apology", "apology", "apology", None, None, "first-person refusal"]
     after = [None, None, "apology", None, None, None]
     texts = ["x"] * 6
-    m = compute_metrics(sets, before, after, texts, texts[:-1] + [" "], [0.5, 0.25], [0.1, 0.2, 0.3])
+    m = compute_metrics(sets, before, after, texts, texts[:-1] + [" "], [0.5, 0.25], [0.1, 0.2, 0.3], [0.25, 0.0])
+    assert m["kl_first_token_openers"] == 0.125
+    assert "kl_first_token_openers" not in compute_metrics(sets, before, after, texts, texts, [0.5], [0.1])
     assert m["refusal_rate_before"] == 0.75 and m["refusal_rate_after"] == 0.25
     assert m["over_refusal_rate_before"] == 0.5 and m["over_refusal_rate_after"] == 0.0
     assert m["kl_first_token"] == 0.375 and m["kl_answer"] == 0.2 and m["kl_answer_tokens"] == 3

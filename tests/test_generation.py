@@ -114,6 +114,37 @@ def test_kl_full_matches_the_definition():
     assert kl_full(p, q) > 0
 
 
+def test_set_shift_is_the_two_outcome_term_of_the_kl_chain_rule():
+    import torch
+
+    from stages.generation import kl_full, kl_set_shift
+
+    torch.manual_seed(2)
+    p, q = torch.log_softmax(2 * torch.randn(60).double(), 0), torch.log_softmax(2 * torch.randn(60).double(), 0)
+    ids = [3, 17, 41]
+    inside = torch.zeros(60, dtype=torch.bool)
+    inside[ids] = True
+
+    def conditional_kl(mask):  # KL(p|A || q|A)
+        pa, qa = p[mask] - torch.logsumexp(p[mask], 0), q[mask] - torch.logsumexp(q[mask], 0)
+        return float((pa.exp() * (pa - qa)).sum())
+
+    p_s = float(p[inside].exp().sum())
+    rest = p_s * conditional_kl(inside) + (1 - p_s) * conditional_kl(~inside)
+    shift = kl_set_shift(p, q, ids)
+    assert 0 < shift < kl_full(p, q)
+    assert shift + rest == pytest.approx(kl_full(p, q), rel=1e-9)
+    assert kl_set_shift(p, q, []) == 0.0 and kl_set_shift(p, p, ids) == 0.0
+
+    moved = p.clone()  # the set's total probability halves, every ratio inside and outside is kept
+    moved[inside] += torch.log(torch.tensor(0.5, dtype=torch.float64))
+    moved[~inside] += torch.log(torch.tensor((1 - 0.5 * p_s) / (1 - p_s), dtype=torch.float64))
+    assert kl_set_shift(p, moved, ids) == pytest.approx(kl_full(p, moved), rel=1e-9)
+    swapped = p.clone()  # probability moved only among the set's tokens: no shift at all
+    swapped[[3, 17]] = p[[17, 3]]
+    assert kl_full(p, swapped) > 1e-6 and kl_set_shift(p, swapped, ids) == pytest.approx(0.0, abs=1e-12)
+
+
 def test_top_k_kl_is_a_lower_bound_and_exact_with_the_whole_vocabulary():
     import torch
 

@@ -20,7 +20,7 @@ from dvc_project import HARMLESS, dvc, environment, git, make_project, run, stag
 pytestmark = pytest.mark.slow
 
 EVAL_KEYS = {"refusal_rate_before", "refusal_rate_after", "over_refusal_rate_before", "over_refusal_rate_after",
-             "kl_first_token", "kl_answer"}
+             "kl_first_token", "kl_first_token_openers", "kl_answer"}
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,7 @@ def test_repro_runs_every_stage_once_and_writes_a_verified_model(project):
 
     metrics = json.loads((root / "metrics" / "eval.json").read_text())
     assert EVAL_KEYS <= set(metrics) and metrics["kl_first_token"] > 0
+    assert 0 <= metrics["kl_first_token_openers"] <= metrics["kl_first_token"]
     assert "refusal" in (root / "reports" / "eval.md").read_text().lower()
 
     # a normal Hugging Face folder that transformers loads, and that verify accepts
