@@ -184,17 +184,12 @@ def kl_set_shift(base_logprobs, other_logprobs, ids: list[int]) -> float:
     if not ids:
         return 0.0
     index = torch.as_tensor(sorted(set(ids)), dtype=torch.long)
-    split = []  # [(log p_S, log (1 - p_S))] for base, then other
+    split = []  # [log p_S, log (1 - p_S)] of base, then of other: two-outcome distributions
     for logprobs in (base_logprobs, other_logprobs):
-        inside = float(torch.logsumexp(torch.as_tensor(logprobs, dtype=torch.float64)[index], dim=0))
-        inside = min(inside, 0.0)
+        inside = min(float(torch.logsumexp(torch.as_tensor(logprobs, dtype=torch.float64)[index], dim=0)), 0.0)
         outside = math.log1p(-math.exp(inside)) if inside < 0.0 else float("-inf")
-        split.append((inside, outside))
-    total = 0.0
-    for p_log, q_log in zip(split[0], split[1]):
-        if p_log > float("-inf"):  # an outcome base gives no probability adds nothing
-            total += math.exp(p_log) * (max(p_log, -1e4) - max(q_log, -1e4))
-    return max(total, 0.0)
+        split.append([inside, outside])
+    return kl_full(split[0], split[1])
 
 
 def top_k_summary(logprobs, k: int):
