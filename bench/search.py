@@ -130,13 +130,14 @@ def agreement(args) -> None:
 
 def first_tokens(study) -> set[int]:
     """First answer tokens of the base model's refusals on the harmful validation prompts."""
+    from stages.evaluate import refusal_openers
     from stages.generation import answer_text, greedy_generate
-    from stages.refusal import is_refusal
+    from stages.refusal import find_refusal
 
     s = study.scorer
     answers = greedy_generate(s.model, s.harmful_ids, max_new_tokens=s_tokens(), eos_ids=s.eos, pad_id=s.pad,
                               batch_size=s.batch_size, device=s.device)
-    return {a.ids[0] for a in answers if a.ids and is_refusal(answer_text(s.tokenizer, a))}
+    return set(refusal_openers([a.ids for a in answers], [find_refusal(answer_text(s.tokenizer, a)) for a in answers]))
 
 
 def s_tokens() -> int:
