@@ -133,7 +133,7 @@ def main() -> None:
 def run(root: Path, shards: int, per_shard: int, repeat: int) -> None:
     import yaml
 
-    from stages.plan import plan
+    from abliterate.planning import plan
 
     layers = shards * per_shard
     t0 = time.perf_counter()

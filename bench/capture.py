@@ -65,15 +65,15 @@ def make_prompts(path: Path, count: int, seed: int = 0) -> Path:
 
 
 def token_lists(model_dir: Path, prompts: Path):
-    from stages.modelio import load_tokenizer
-    from stages.prompts import load_prompts, render
+    from abliterate.model.modelio import load_tokenizer
+    from abliterate.model.prompts import load_prompts, render
 
     tokenizer = load_tokenizer(model_dir)
     return tokenizer, render(tokenizer, load_prompts(prompts))
 
 
 def run_capture(model, sequences, batch_size: int, pad_id: int) -> int:
-    from stages.capture import capture_batches
+    from abliterate.model.hooks import capture_batches
 
     kept = []
     capture_batches(model, sequences, [-1], batch_size, pad_id, lambda batch, acts: kept.append(acts[:, :, 0].copy()))
@@ -83,7 +83,7 @@ def run_capture(model, sequences, batch_size: int, pad_id: int) -> int:
 def run_baseline(model, sequences, batch_size: int, pad_id: int, sort: bool = False) -> int:
     import torch
 
-    from stages.modelio import length_batches, pad_left
+    from abliterate.model.modelio import length_batches, pad_left
 
     if sort:
         batches = length_batches([len(s) for s in sequences], batch_size)
@@ -103,7 +103,7 @@ def timing(model_dir: Path, prompts: Path, batch_size: int) -> dict:
     """Seconds of each method over the same prompts, measured batch by batch, alternating."""
     import torch
 
-    from stages.modelio import length_batches, load_model
+    from abliterate.model.modelio import length_batches, load_model
 
     tokenizer, sequences = token_lists(model_dir, prompts)
     model = load_model(model_dir)
@@ -134,12 +134,12 @@ def child(args) -> None:
         print(json.dumps(timing(model_dir, prompts, args.batch_size)))
         return
     if args.mode == "stage":
-        from stages.capture import capture
+        from abliterate.model.capture import capture
 
         started = time.perf_counter()
         rows = capture(model_dir, str(prompts), Path(args.out), batch_size=args.batch_size)["prompts"]
     else:
-        from stages.modelio import load_model
+        from abliterate.model.modelio import load_model
 
         tokenizer, sequences = token_lists(model_dir, prompts)
         model = load_model(model_dir)

@@ -4,7 +4,7 @@
 
 1. Greedy answers (``--tokens`` tokens) to the first ``--n`` held-out prompts of
    prompts/eval/harmful.txt and prompts/eval/harmless.txt: refusal rate and over-refusal rate
-   (stages.refusal's marker list).
+   (abliterate.refusal's marker list).
 2. A quick in-memory abliteration with hooks: the difference of means of the last-prompt-token
    residual entering layer ``--index`` (prompts/harmful.txt vs prompts/harmless.txt), made
    orthogonal to the harmless mean, is removed from the output of every attention and MLP block
@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def answers(model, tokenizer, prompts: list[str], tokens: int) -> list[str]:
-    from stages.prompts import render
-    from stages.tune import self_answers
+    from abliterate.model.prompts import render
+    from abliterate.sources.tune import self_answers
 
     eos = tokenizer.eos_token_id
     out = self_answers(model, render(tokenizer, prompts), tokens, eos, tokenizer.pad_token_id)
@@ -35,7 +35,7 @@ def answers(model, tokenizer, prompts: list[str], tokens: int) -> list[str]:
 
 
 def rate(model, tokenizer, name: str, prompts: list[str], tokens: int, show: int) -> float:
-    from stages.refusal import is_refusal
+    from abliterate.refusal import is_refusal
 
     start = time.time()
     texts = answers(model, tokenizer, prompts, tokens)
@@ -51,8 +51,8 @@ def last_token_means(model, tokenizer, prompts: list[str], index: int):
     """fp64 mean of the residual entering decoder layer ``index`` at the last prompt token."""
     import torch
 
-    from stages.modelio import length_batches, pad_left
-    from stages.prompts import render
+    from abliterate.model.modelio import length_batches, pad_left
+    from abliterate.model.prompts import render
 
     ids = render(tokenizer, prompts)
     total = None
@@ -77,8 +77,8 @@ def main() -> None:
 
     import torch
 
-    from stages.modelio import decoder_layers, load_model, load_tokenizer
-    from stages.prompts import load_prompts
+    from abliterate.model.modelio import decoder_layers, load_model, load_tokenizer
+    from abliterate.model.prompts import load_prompts
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, device="cpu"), load_tokenizer(args.model)

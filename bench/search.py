@@ -38,7 +38,7 @@ def cpu_seconds() -> float:
 
 
 def make_study(args, journal_dir: str = ""):
-    from stages.search_run import Study
+    from abliterate.model.study import Study
 
     return Study(args.model, args.directions, str(ROOT / "prompts" / "harmful.txt"),
                  str(ROOT / "prompts" / "harmless.txt"), seed=args.seed,
@@ -54,7 +54,7 @@ def make_study(args, journal_dir: str = ""):
 def random_points(study, count: int, seed: int) -> list[dict]:
     import random
 
-    from stages.search_space import ranges
+    from abliterate.search_space import ranges
 
     rng = random.Random(seed)
     space = ranges(study.num_layers)
@@ -62,7 +62,7 @@ def random_points(study, count: int, seed: int) -> list[dict]:
 
 
 def speed(args) -> None:
-    from stages.search import run_search
+    from abliterate.search import run_search
 
     with tempfile.TemporaryDirectory() as tmp:
         load = os.getloadavg()
@@ -130,9 +130,9 @@ def agreement(args) -> None:
 
 def first_tokens(study) -> set[int]:
     """First answer tokens of the base model's refusals on the harmful validation prompts."""
-    from stages.evaluate import refusal_openers
-    from stages.generation import answer_text, greedy_generate
-    from stages.refusal import find_refusal
+    from abliterate.refusal import refusal_openers
+    from abliterate.model.generation import answer_text, greedy_generate
+    from abliterate.refusal import find_refusal
 
     s = study.scorer
     answers = greedy_generate(s.model, s.harmful_ids, max_new_tokens=s_tokens(), eos_ids=s.eos, pad_id=s.pad,
@@ -147,7 +147,7 @@ def s_tokens() -> int:
 def first_token_probability(study, tokens: set[int]) -> list[float]:
     import torch
 
-    from stages.generation import answer_logprobs
+    from abliterate.model.generation import answer_logprobs
 
     s = study.scorer
     probs = [0.0] * len(s.harmful_ids)

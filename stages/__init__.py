@@ -1,3 +1,1 @@
-"""abliterate: a DVC pipeline that removes the refusal direction from a language model's weights."""
-
-__version__ = "0.1.0"
+"""The pipeline's commands: one thin module per DVC stage or command (``abliterate --help``)."""

@@ -1,23 +1,23 @@
 """What every command shares: the one-line error convention, option parsers, the stderr console.
 
-Every error a user can cause is raised as :class:`UserError` (or is a click usage error) and
-ends the process with one line on stderr and exit code 2, never a traceback.
+Every error a user can cause is raised as :class:`abliterate.errors.UserError` (or is a click
+usage error) and ends the process with one line on stderr and exit code 2, never a traceback.
+Logs and progress go to stderr: live bars on a terminal, plain lines otherwise
+(:func:`reporter`).
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NoReturn, TypeVar
 
+from abliterate.errors import UserError, fail
+from abliterate.progress import Reporter, Task
 
 EXIT_USER_ERROR = 2
 T = TypeVar("T")
-
-
-class UserError(Exception):
-    """An error the user can fix: the message says what, where, and what to do."""
 
 
 def console():
@@ -25,10 +25,6 @@ def console():
     from rich.console import Console
 
     return Console(stderr=True)
-
-
-def fail(message: str) -> NoReturn:
-    raise UserError(message)
 
 
 def parse_bool(value: str | bool, name: str = "value") -> bool:
@@ -41,20 +37,6 @@ def parse_bool(value: str | bool, name: str = "value") -> bool:
     if lowered in ("false", "0", "no", "off"):
         return False
     fail(f"{name} must be true or false, got {value!r}")
-
-
-def quiet_libraries() -> None:
-    """Silence transformers' and the hub's own progress bars and advisory warnings."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is a hard dependency
-        pass
 
 
 def new_app(help_text: str) -> typer.Typer:
@@ -143,3 +125,60 @@ def _die(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
     sys.stderr.write(f"error: {message}\n")
     sys.stderr.flush()
     sys.exit(code)
+
+
+class RichReporter(Reporter):
+    """Live rich bars when stderr is a terminal; the plain lines of :class:`Reporter` otherwise."""
+
+    def __init__(self):
+        self.console = console()
+
+    def message(self, text: str) -> None:
+        if self.console.is_terminal:
+            self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        else:
+            super().message(text)
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: float | None = None, unit: str = "", **fields: str) -> Iterator[Task]:
+        if not self.console.is_terminal:
+            with super().task(description, total, unit, **fields) as task:
+                yield task
+            return
+        from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn
+        from rich.progress import TimeElapsedColumn, TimeRemainingColumn
+
+        count = DownloadColumn() if unit == "bytes" else MofNCompleteColumn()
+        columns = (TextColumn("{task.description}"), BarColumn(), count, TextColumn("{task.fields[text]}"),
+                   TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=self.console, transient=False) as bar:
+            handle = bar.add_task(description, total=total, text=" ".join(v for v in fields.values() if v))
+            task = _RichTask(description, total, unit, fields, self.message, bar, handle)
+            yield task
+
+
+class _RichTask(Task):
+    def __init__(self, description, total, unit, fields, write, bar, handle):
+        super().__init__(description, total, unit, fields, write)
+        self.bar, self.handle = bar, handle
+
+    def advance(self, n: float = 1) -> None:
+        self.done += n
+        self.bar.advance(self.handle, n)
+
+    def update(self, **fields: str) -> None:
+        super().update(**fields)
+        self.bar.update(self.handle, text=" ".join(v for v in self.fields.values() if v))
+
+
+def reporter() -> Reporter:
+    """The reporter a command hands to the library."""
+    return RichReporter()
+
+
+def wide_table(table) -> None:
+    """Print a rich table on stderr; a log (not a terminal) gets it whole rather than with ellipses."""
+    log = console()
+    if not log.is_terminal:
+        log.width = max(log.width, 120)
+    log.print(table)

@@ -1,12 +1,6 @@
 """export-refuse: write the measured directions in llm-abliteration's ``.refuse`` layout.
 
-The ``.refuse`` file is a ``torch.save`` dict: ``layers`` (int L) and, for ``l = 0 .. L-1``,
-``harmful_{l}`` / ``harmless_{l}`` (the means), ``refuse_{l}`` (the raw harmful - harmless
-difference) and ``refusenorm_{l}`` (the unit direction, projected if reduce ran with
-``projected``). Its index ``l`` is the hidden state entering decoder layer ``l``, the same
-convention as ours, so the numbers are copied one to one; our index ``L`` (the last layer's
-output), which that layout has no key for, is left out. The means and directions are the fp64
-results of ``reduce`` stored as fp32 (``--dtype bfloat16`` matches that tool's own files).
+The layout and the index correspondence are :mod:`abliterate.formats.refuse`'s.
 """
 
 from __future__ import annotations
@@ -16,44 +10,9 @@ from typing import Annotated
 
 import typer
 
-from stages.cliutil import console, fail, new_app, run_app
+from stages.cliutil import new_app, reporter, run_app
 
 app = new_app(__doc__.split("\n")[0])
-
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def refuse_dict(tensors: dict, metadata: dict[str, str], dtype: str = "float32") -> dict:
-    """The ``.refuse`` dict from a directions dict (as ``reduce`` writes it)."""
-    import torch
-
-    if dtype not in DTYPES:
-        fail(f"export-refuse dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    num_layers = int(metadata["num_layers"])
-    out: dict = {"layers": num_layers}
-    for i in range(num_layers):
-        for ours, theirs in (("harmful_mean", "harmful"), ("harmless_mean", "harmless"),
-                             ("direction", "refuse"), ("unit", "refusenorm")):
-            key = f"{ours}.{i}"
-            if key not in tensors:
-                fail(f"the directions lack {key}; rerun the reduce stage")
-            out[f"{theirs}_{i}"] = tensors[key].to(getattr(torch, dtype)).clone()
-    return out
-
-
-def export_refuse(directions: Path, out: Path, dtype: str = "float32") -> int:
-    """Write ``out``; return the number of layers exported."""
-    import torch
-
-    from stages.atomic import atomic_path
-    from stages.reduce import load_directions
-
-    tensors, metadata = load_directions(directions)
-    data = refuse_dict(tensors, metadata, dtype)
-    with atomic_path(out) as tmp:
-        torch.save(data, tmp)
-    console().print(f"export-refuse: {data['layers']} layers ({dtype}) -> {out}")
-    return data["layers"]
 
 
 @app.command()
@@ -64,7 +23,10 @@ def main(
     dtype: Annotated[str, typer.Option(help="Stored dtype: float32, bfloat16 or float16.")] = "float32",
 ) -> None:
     """Write the directions in llm-abliteration's .refuse layout (torch.save dict)."""
-    export_refuse(directions, out, dtype)
+    from abliterate.formats.refuse import export_refuse
+
+    layers = export_refuse(directions, out, dtype)
+    reporter().message(f"export-refuse: {layers} layers ({dtype}) -> {out}")
 
 
 if __name__ == "__main__":

@@ -1,145 +1,28 @@
 """score: rank every residual index by how cleanly it separates harmful from harmless prompts.
 
-Per residual index ``i``, from the fp32 means in directions.safetensors, computed in fp64:
-
-* ``cos``: cosine of ``harmful_mean`` and ``harmless_mean``;
-* ``snr``: ``|direction| / mean(|harmful_mean|, |harmless_mean|)``;
-* ``quality``: ``(1 - cos) * snr``, the ranking used to pick the best index;
-* ``purity``: the share of the direction orthogonal to the harmless mean,
-  ``|direction - (direction . h) h| / |direction|`` with ``h`` the unit harmless mean (1 = fully
-  orthogonal, 0 = parallel);
-* ``rotation``: the angle in degrees between the direction at ``i`` and at ``i - 1`` (0 at index
-  0 or where a direction is zero): large values mark where the refusal signal is being rewritten;
-* ``harmful_norm``, ``harmless_norm``, ``direction_norm``.
-
-The best index is the highest ``quality`` among indices ``i`` with
-``min_depth * L <= i <= max_depth * L`` (lowest index on ties). Writes ``metrics/layers.json``
-(flat numbers: best_index, best_quality, ... for ``dvc metrics show`` / ``dvc exp show``),
-``plots/layers.csv`` (one row per index, for ``dvc plots show``) and a table on stderr.
+The scores and the choice of the best index are :mod:`abliterate.scoring`'s. Writes
+``metrics/layers.json`` (flat numbers: best_index, best_quality, ... for ``dvc metrics show`` /
+``dvc exp show``), ``plots/layers.csv`` (one row per index, for ``dvc plots show``) and a table
+on stderr.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from stages.cliutil import console, fail, new_app, run_app
+from stages.cliutil import new_app, run_app, wide_table
 
 app = new_app(__doc__.split("\n")[0])
-
-COLUMNS = ("index", "quality", "cos", "snr", "purity", "rotation", "harmful_norm", "harmless_norm", "direction_norm")
-
-
-def _num_indices(directions: dict) -> int:
-    count = 0
-    while f"direction.{count}" in directions:
-        count += 1
-    if count == 0:
-        fail("the directions hold no direction.0; rerun the reduce stage")
-    return count
-
-
-def index_scores(directions: dict) -> list[dict]:
-    """One dict of scores per residual index (keys: see ``COLUMNS``), from a directions dict.
-
-    ``directions`` maps ``harmful_mean.{i}``, ``harmless_mean.{i}``, ``direction.{i}`` to 1-D
-    tensors or numpy arrays (as ``reduce`` writes them); everything is computed in fp64.
-    """
-    import torch
-
-    def norm(v) -> float:
-        return float(torch.linalg.vector_norm(v))
-
-    def cosine(a, b) -> float:
-        na, nb = norm(a), norm(b)
-        return float(a @ b) / (na * nb) if na > 0 and nb > 0 else 0.0
-
-    scores: list[dict] = []
-    previous = None
-    for i in range(_num_indices(directions)):
-        try:
-            harmful = torch.as_tensor(directions[f"harmful_mean.{i}"]).to(torch.float64).flatten()  # [H]
-            harmless = torch.as_tensor(directions[f"harmless_mean.{i}"]).to(torch.float64).flatten()  # [H]
-            direction = torch.as_tensor(directions[f"direction.{i}"]).to(torch.float64).flatten()  # [H]
-        except KeyError as exc:
-            fail(f"the directions lack {exc.args[0]}; rerun the reduce stage")
-        values = torch.stack([harmful, harmless, direction])
-        if not torch.isfinite(values).all():
-            fail(f"the directions at residual index {i} are NaN or infinite; capture again with float32")
-        h_norm, a_norm, d_norm = norm(harmful), norm(harmless), norm(direction)
-        cos = cosine(harmful, harmless)
-        mean_norm = (h_norm + a_norm) / 2
-        snr = d_norm / mean_norm if mean_norm > 0 else 0.0
-        if d_norm > 0 and a_norm > 0:
-            axis = harmless / a_norm
-            purity = norm(direction - (direction @ axis) * axis) / d_norm
-        else:
-            purity = 0.0
-        rotation = 0.0
-        if previous is not None and norm(previous) > 0 and d_norm > 0:
-            rotation = math.degrees(math.acos(max(-1.0, min(1.0, cosine(previous, direction)))))
-        previous = direction
-        scores.append({
-            "index": i, "quality": (1.0 - cos) * snr, "cos": cos, "snr": snr, "purity": purity,
-            "rotation": rotation, "harmful_norm": h_norm, "harmless_norm": a_norm, "direction_norm": d_norm,
-        })
-    return scores
-
-
-def pick_best(scores: list[dict], num_layers: int, min_depth: float, max_depth: float) -> int:
-    """The residual index with the highest quality in ``[min_depth * L, max_depth * L]``."""
-    if not 0.0 <= min_depth < max_depth <= 1.0:
-        fail(f"score depths need 0 <= min-depth < max-depth <= 1, got min-depth {min_depth}, max-depth {max_depth}")
-    low, high = min_depth * num_layers, max_depth * num_layers
-    eps = 1e-9 * max(1, num_layers)
-    candidates = [s for s in scores if low - eps <= s["index"] <= high + eps and math.isfinite(s["quality"])]
-    if not candidates:
-        fail(f"no residual index lies between {low:g} and {high:g} (L = {num_layers}); widen score.min-depth/max-depth")
-    best = max(candidates, key=lambda s: (s["quality"], -s["index"]))
-    return int(best["index"])
-
-
-def _round(value: float) -> float:
-    return float(f"{value:.8g}")
-
-
-def score(directions_path: Path, metrics: Path, plot: Path, min_depth: float = 0.1, max_depth: float = 0.9) -> dict:
-    """Score every index of a directions file; write the metrics JSON and the plot CSV."""
-    from stages.atomic import write_json, write_text
-    from stages.reduce import load_directions
-
-    tensors, metadata = load_directions(directions_path)
-    scores = index_scores(tensors)
-    num_layers = int(metadata.get("num_layers", len(scores) - 1))
-    if num_layers != len(scores) - 1:
-        fail(f"{directions_path} says {num_layers} layers but holds {len(scores)} indices; rerun reduce")
-    best = pick_best(scores, num_layers, min_depth, max_depth)
-    top = scores[best]
-    result = {
-        "best_index": best,
-        "best_quality": _round(top["quality"]),
-        "best_cos": _round(top["cos"]),
-        "best_snr": _round(top["snr"]),
-        "best_purity": _round(top["purity"]),
-        "num_layers": num_layers,
-        "num_indices": len(scores),
-        "hidden_size": int(metadata.get("hidden_size", tensors["direction.0"].numel())),
-    }
-    lines = [",".join(COLUMNS)]
-    for row in scores:
-        lines.append(",".join(str(row["index"]) if c == "index" else f"{row[c]:.8g}" for c in COLUMNS))
-    write_text(plot, "\n".join(lines) + "\n")
-    write_json(metrics, result)
-    _print_table(scores, best)
-    return result
 
 
 def _print_table(scores: list[dict], best: int) -> None:
     from rich import box
     from rich.table import Table
+
+    from abliterate.formats.metrics import LAYER_COLUMNS
 
     headers = ("index", "quality", "cos", "snr", "purity", "rot deg", "|harmful|", "|harmless|", "|dir|")
     table = Table(title="score: residual indices (* = best)", title_justify="left", box=box.SIMPLE_HEAD,
@@ -148,12 +31,9 @@ def _print_table(scores: list[dict], best: int) -> None:
         table.add_column(header, justify="right", no_wrap=True)
     for row in scores:
         cells = [f"{row['index']}{'*' if row['index'] == best else ''}"]
-        cells += [f"{row[c]:.3g}" for c in COLUMNS[1:]]
+        cells += [f"{row[c]:.3g}" for c in LAYER_COLUMNS[1:]]
         table.add_row(*cells, style="bold green" if row["index"] == best else None)
-    log = console()
-    if not log.is_terminal:
-        log.width = max(log.width, 120)  # logs (dvc repro, CI) get the whole table, not ellipses
-    log.print(table)
+    wide_table(table)
 
 
 @app.command()
@@ -165,7 +45,20 @@ def main(
     max_depth: Annotated[float, typer.Option(help="... and <= max-depth * layers.")] = 0.9,
 ) -> None:
     """Score every residual index (cosine, SNR, quality, purity, rotation) and pick the best."""
-    score(directions, metrics, plot, min_depth=min_depth, max_depth=max_depth)
+    from abliterate.errors import fail
+    from abliterate.formats.directions import load_directions
+    from abliterate.formats.metrics import write_scores
+    from abliterate.scoring import index_scores, pick_best, summary
+
+    tensors, metadata = load_directions(directions)
+    scores = index_scores(tensors)
+    num_layers = int(metadata.get("num_layers", len(scores) - 1))
+    if num_layers != len(scores) - 1:
+        fail(f"{directions} says {num_layers} layers but holds {len(scores)} indices; rerun reduce")
+    best = pick_best(scores, num_layers, min_depth, max_depth)
+    hidden = int(metadata.get("hidden_size", tensors["direction.0"].numel()))
+    write_scores(metrics, plot, scores, summary(scores, best, num_layers, hidden))
+    _print_table(scores, best)
 
 
 if __name__ == "__main__":

@@ -1,199 +1,20 @@
 """verify: check an ablated model against its base model, tensor by tensor.
 
-``abliterate verify BASE ABLATED`` reads ``ABLATED/abliteration.json`` (written by finalize) and
-checks, streaming both models chunk by chunk:
-
-* the source: BASE's shards have the sha256 hashes recorded in the provenance;
-* every shard header (names, dtypes, shapes, offsets, ``__metadata__``) is byte-identical;
-* every tensor the plan does not edit is byte-identical;
-* every edited tensor's residual write has no component along its direction ``r``, reported as
-  the max over columns (rows for the residual-last layouts) of ``|r . (g * w)| / |g * w|`` where
-  ``g`` is the norm gain in between (for routers, readers: ``|w . (g * r)| / (|w| |g * r|)``);
-  checked where the edit's scale is 1 (other scales leave part of the direction on purpose);
-* norm-preserving edits kept every column's (row's) norm.
-
-Tolerance: ``--tolerance`` or, by default, ``max(1e-5, 16 u / sqrt(hidden))`` with ``u`` the
-unit roundoff of the stored dtype (rounding to bf16 re-injects a little of ``r``); for the norm
-drift at least ``u`` itself: rounding every element of a column moves its norm by at most ``u``
-relative, and a column dominated by one large element (outlier features) gets close to that
-bound (measured: 2.8e-3 on a bf16 column of 576 where the first bound is 2.6e-3). A table goes
-to stderr; the exit code is 1 if any check fails.
+``abliterate verify BASE ABLATED``: the checks and tolerances are :mod:`abliterate.verification`'s.
+A table goes to stderr; the exit code is 1 if any check fails.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from stages.cliutil import console, fail, new_app, run_app
+from stages.cliutil import new_app, reporter, run_app, wide_table
 
 app = new_app(__doc__.split("\n")[0])
-ROUNDOFF = {"F64": 2.0**-53, "F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0**-8}
-
-
-def tolerance_for(dtype: str, hidden: int, override: float = 0.0) -> float:
-    return override if override > 0 else max(1e-5, 16 * ROUNDOFF.get(dtype, 2.0**-8) / math.sqrt(hidden))
-
-
-def norm_tolerance_for(dtype: str, hidden: int, override: float = 0.0) -> float:
-    """Largest relative column-norm drift that rounding to ``dtype`` can cause (fp32 slack added)."""
-    if override > 0:
-        return override
-    return max(tolerance_for(dtype, hidden), ROUNDOFF.get(dtype, 2.0**-8) * (1 + 1e-3) + 1e-6)
-
-
-def _same_bytes(fd_a: int, fd_b: int, begin: int, end: int) -> bool:
-    pos = begin
-    while pos < end:
-        n = min(end - pos, 16 * 1024 * 1024)
-        if os.pread(fd_a, n, pos) != os.pread(fd_b, n, pos):
-            return False
-        pos += n
-    return True
-
-
-def edited_metrics(fd_base: int, fd_abl: int, info, edits: list[dict], vectors: dict, gain) -> tuple[float, float]:
-    """``(max relative component along r, max relative norm drift)`` of one edited tensor (fp64)."""
-    import numpy as np
-
-    from stages.safetensors_io import read_rows, row_chunks
-
-    last = edits[-1]
-    r, u, s = vectors[last["direction"]], vectors[last["vector"]], float(last["scale"])
-    g = gain if gain is not None else np.ones_like(r)
-    gr = g * r
-    comp, drift = 0.0, 0.0
-    if last["layout"] == "columns":  # [hidden, in]: columns are the writes
-        cols = info.shape[1]
-        num, den, na, nb, ub = (np.zeros(cols) for _ in range(5))
-        for a, b in row_chunks(info):
-            new = read_rows(fd_abl, info, a, b).astype(np.float64)
-            old = read_rows(fd_base, info, a, b).astype(np.float64)
-            num += gr[a:b] @ new
-            den += ((g[a:b, None] * new) ** 2).sum(0)
-            na += (new**2).sum(0)
-            nb += (old**2).sum(0)
-            ub += u[a:b] @ old
-        live = den > 0
-        comp = float((np.abs(num[live]) / np.sqrt(den[live])).max()) if live.any() else 0.0
-        kept = (nb > 0) & (1 - (2 * s - s * s) * ub**2 / np.maximum(nb, 1e-300) > 1e-6)
-        if kept.any():
-            drift = float((np.abs(np.sqrt(na) - np.sqrt(nb))[kept] / np.sqrt(nb[kept])).max())
-        return comp, drift
-    reader = last["role"] == "router"
-    for a, b in row_chunks(info):
-        new = read_rows(fd_abl, info, a, b).astype(np.float64)  # [rows, hidden]
-        old = read_rows(fd_base, info, a, b).astype(np.float64)
-        dots = np.abs(new @ gr)
-        scale = np.linalg.norm(new, axis=1) * np.linalg.norm(gr) if reader else np.linalg.norm(new * g, axis=1)
-        live = scale > 0
-        if live.any():
-            comp = max(comp, float((dots[live] / scale[live]).max()))
-        nb, na = np.linalg.norm(old, axis=1), np.linalg.norm(new, axis=1)
-        kept = (nb > 0) & (1 - (2 * s - s * s) * (old @ u) ** 2 / np.maximum(nb**2, 1e-300) > 1e-6)
-        if kept.any():
-            drift = max(drift, float((np.abs(na - nb)[kept] / nb[kept]).max()))
-    return comp, drift
-
-
-def verify(base: Path, ablated: Path, tolerance: float = 0.0) -> tuple[list[list[str]], bool]:
-    """Run every check; returns the table rows and whether all checks passed."""
-    import numpy as np
-
-    from stages.finalize import PROVENANCE, sha256_file
-    from stages.modelio import check_model_dir, weight_map
-    from stages.safetensors_io import read_header
-
-    check_model_dir(base)
-    check_model_dir(ablated)
-    prov_path = Path(ablated) / PROVENANCE
-    if not prov_path.is_file():
-        fail(f"{prov_path} does not exist; verify needs the provenance written by `dvc repro finalize`")
-    prov = json.loads(prov_path.read_text(encoding="utf-8"))
-    names = weight_map(base)
-    if weight_map(ablated) != names:
-        return [["tensor names and shards", "differ", "", "FAIL"]], False
-    rows: list[list[str]] = []
-    hashes_ok = all(sha256_file(Path(base) / f) == h for f, h in prov["source"]["shards"].items())
-    rows.append(["source shards match the provenance hashes", "yes" if hashes_ok else "no", "", _ok(hashes_ok)])
-    edits: dict[str, list[dict]] = {}
-    vectors: dict[str, dict] = {}
-    for doc in prov["plan"].values():
-        table = {k: np.asarray(v, dtype=np.float64) for k, v in doc["vectors"].items()}
-        for edit in doc["edits"]:
-            edits.setdefault(edit["tensor"], []).append(edit)
-            vectors[edit["tensor"]] = table
-    hidden = int(prov["settings"]["hidden_size"])
-    per_layer: dict = {}
-    same_headers, untouched, untouched_ok = 0, 0, 0
-    files = sorted(set(names.values()))
-    for file in files:
-        hb, ha = read_header(Path(base) / file), read_header(Path(ablated) / file)
-        fd_b, fd_a = os.open(Path(base) / file, os.O_RDONLY), os.open(Path(ablated) / file, os.O_RDONLY)
-        try:
-            same_headers += int(hb.data_start == ha.data_start and _same_bytes(fd_b, fd_a, 0, hb.data_start))
-            for name, info in sorted(hb.tensors.items()):
-                if name not in edits:
-                    untouched += 1
-                    untouched_ok += int(_same_bytes(fd_b, fd_a, info.begin, info.end))
-                    continue
-                tensor_edits = edits[name]
-                gname = tensor_edits[-1].get("gain")
-                gain = None
-                if gname:
-                    gain = _vector(Path(ablated) / names[gname], gname) + float(tensor_edits[-1]["gain_offset"])
-                comp, drift = edited_metrics(fd_b, fd_a, info, tensor_edits, vectors[name], gain)
-                tol = tolerance_for(info.dtype, hidden, tolerance)
-                check_comp = float(tensor_edits[-1]["scale"]) == 1.0
-                check_norm = all(e["norm_preserve"] for e in tensor_edits)
-                ok = (not check_comp or comp <= tol) and (not check_norm or drift <= norm_tolerance_for(
-                    info.dtype, hidden, tolerance))
-                layer = tensor_edits[-1]["layer"]
-                entry = per_layer.setdefault(layer, {"n": 0, "comp": None, "drift": None, "ok": True, "tol": tol})
-                entry["n"] += 1
-                entry["ok"] &= ok
-                entry["tol"] = max(entry["tol"], tol)
-                if check_comp:
-                    entry["comp"] = max(entry["comp"] or 0.0, comp)
-                if check_norm:
-                    entry["drift"] = max(entry["drift"] or 0.0, drift)
-        finally:
-            os.close(fd_b)
-            os.close(fd_a)
-    rows.append(["shard headers identical", f"{same_headers}/{len(files)}", "", _ok(same_headers == len(files))])
-    rows.append(["untouched tensors byte-identical", f"{untouched_ok}/{untouched}", "", _ok(untouched_ok == untouched)])
-    for layer in sorted(per_layer, key=lambda k: -1 if k is None else k):
-        e = per_layer[layer]
-        label = "embeddings" if layer is None else f"layer {layer}: {e['n']} tensors"
-        comp = "n/a (scale != 1)" if e["comp"] is None else f"{e['comp']:.2e}"
-        drift = "n/a (plain)" if e["drift"] is None else f"{e['drift']:.2e}"
-        rows.append([label, comp, drift, _ok(e["ok"])])
-    passed = all(row[-1] == "ok" for row in rows)
-    return rows, passed
-
-
-def _vector(path: Path, name: str):
-    """A 1-D tensor (a norm weight) as fp64 numpy, any float dtype including bf16."""
-    import numpy as np
-
-    from stages.safetensors_io import read_header, read_rows
-
-    info = read_header(path).tensors[name]
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return read_rows(fd, info, 0, 1).astype(np.float64).reshape(-1)
-    finally:
-        os.close(fd)
-
-
-def _ok(flag: bool) -> str:
-    return "ok" if flag else "FAIL"
 
 
 @app.command()
@@ -206,17 +27,16 @@ def main(
     from rich import box
     from rich.table import Table
 
+    from abliterate.verification import verify
+
     rows, passed = verify(base, ablated, tolerance)
     table = Table(title=f"verify {ablated} against {base}", title_justify="left", box=box.SIMPLE_HEAD)
     for header in ("check", "max |write . r| / |write|", "max norm drift", "status"):
         table.add_column(header, justify="left" if header == "check" else "right", no_wrap=True)
     for row in rows:
         table.add_row(*row, style=None if row[-1] == "ok" else "bold red")
-    log = console()
-    if not log.is_terminal:
-        log.width = max(log.width, 110)
-    log.print(table)
-    log.print("verify: all checks passed" if passed else "verify: some checks FAILED")
+    wide_table(table)
+    reporter().message("verify: all checks passed" if passed else "verify: some checks FAILED")
     if not passed:
         sys.exit(1)
 

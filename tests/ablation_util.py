@@ -44,7 +44,8 @@ def write_scores(path: Path, num_layers: int, best: int, hidden: int = 64) -> Pa
 
 
 def write_model_yaml(model: Path, path: Path) -> Path:
-    from stages.modelio import shard_files, shard_table
+    from abliterate.formats.model_yaml import shard_table
+    from abliterate.model.modelio import shard_files
 
     others = sorted(p.name for p in model.iterdir() if p.is_file() and not p.name.endswith(".safetensors"))
     doc = {"shards": shard_table(shard_files(model)), "files": {n.split(".")[0].replace("_", "-"): n for n in others}}
@@ -52,10 +53,35 @@ def write_model_yaml(model: Path, path: Path) -> Path:
     return path
 
 
+OPTION_NAMES = ("norm_preserve", "projected", "sparsity", "targets")
+
+
+def pop_options(settings: dict):
+    """The :class:`AblationOptions` named by keywords in ``settings`` (removed from it), as on the command
+    line (``targets`` a comma list). Biprojection is on unless a test says otherwise: these tests were
+    written for it (the harder case, a different ``r`` per layer); plain removal has tests of its own."""
+    from abliterate.records import AblationOptions
+    from abliterate.targets import parse_targets
+
+    options = {k: settings.pop(k) for k in OPTION_NAMES if k in settings}
+    options.setdefault("projected", True)
+    if "targets" in options:
+        options["targets"] = parse_targets(options["targets"])
+    return AblationOptions(**options)
+
+
+def run_plan(model: Path, shards: Path, directions: Path, scores: Path | None, out: Path, **settings):
+    """``abliterate.planning.plan`` with the ablation options given as keywords (see :func:`pop_options`)."""
+    from abliterate.planning import plan
+
+    options = pop_options(settings)
+    return plan(model, shards, directions, scores, out, options=options, **settings)
+
+
 def plan_and_ablate(model: Path, work: Path, **settings) -> Path:
     """Run plan, then ablate every shard and copy the other files: returns the ablated folder."""
-    from stages.ablate import ablate_shard, load_plan
-    from stages.plan import plan
+    from abliterate.formats.plans import load_shard_plan
+    from abliterate.shard_edit import ablate_shard
 
     num_layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
     directions = work / "directions.safetensors"
@@ -63,12 +89,12 @@ def plan_and_ablate(model: Path, work: Path, **settings) -> Path:
         write_directions(directions, num_layers, seed=settings.pop("seed", 0))
     scores = write_scores(work / "layers.json", num_layers, best=settings.pop("best", max(1, num_layers // 2)))
     shards = write_model_yaml(model, work / "model.yaml")
-    plan(model, shards, directions, scores, work / "plan", **settings)
+    run_plan(model, shards, directions, scores, work / "plan", **settings)
     out = work / "model"
     out.mkdir(exist_ok=True)
     table = yaml.safe_load(shards.read_text())
     for key, name in table["shards"].items():
-        ablate_shard(model / name, load_plan(work / "plan" / f"{key}.json"), out / name)
+        ablate_shard(model / name, load_shard_plan(work / "plan" / f"{key}.json"), out / name)
     for name in table["files"].values():
         shutil.copy(model / name, out / name)
     return out

@@ -1,7 +1,7 @@
 """A copy of this project in a temporary git + DVC repository, for the pipeline tests.
 
-The copy holds the real dvc.yaml, params.yaml, .dvc config and stages/ (so ``python -m stages.X``
-runs the code under test), small prompt files, and is pointed at a tiny model with
+The copy holds the real dvc.yaml, params.yaml, .dvc config, abliterate/ and stages/ (so
+``python -m stages.X`` runs the code under test), small prompt files, and is pointed at a tiny model with
 ``abliterate use``. Commands run in subprocesses, as a user would run them.
 """
 
@@ -32,7 +32,7 @@ def environment(tmp: Path) -> dict:
         "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp / "hf"),
         "OMP_NUM_THREADS": "2",
     })
-    env.pop("PYTHONPATH", None)  # stages/ must come from the repository under test
+    env.pop("PYTHONPATH", None)  # abliterate/ and stages/ must come from the repository under test
     return env
 
 
@@ -78,12 +78,13 @@ def set_params(path: Path, **values) -> None:
 
 def copy_pipeline(root: Path) -> Path:
     """Create ``root`` with this project's pipeline files: dvc.yaml, params.yaml, model.yaml, the
-    ignore files, the DVC config (no cache) and stages/."""
+    ignore files, the DVC config (no cache), the library and the stages."""
     root.mkdir()
     for name in ("dvc.yaml", "params.yaml", "model.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(REPO / name, root / name)
     shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
-    shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("abliterate", "stages"):
+        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
     return root
 
 

@@ -11,7 +11,7 @@ import torch
 
 import tiny
 from ablation_util import layer_writes, plan_and_ablate, plan_edits, relative_component
-from stages.safetensors_io import read_header, read_rows, row_chunks
+from abliterate.formats.safetensors_io import read_header, read_rows, row_chunks
 
 ALL = "attention,mlp,experts,shared-experts,router"
 

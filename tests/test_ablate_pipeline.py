@@ -19,10 +19,12 @@ from safetensors.torch import load_file
 import tiny
 from ablation_util import plan_and_ablate
 from dvc_project import dvc, environment, make_project, set_params, stages_run
-from stages import safetensors_io
-from stages.ablate import ablate_shard, app, load_plan
+from abliterate.finalize import finalize
+from abliterate.formats import safetensors_io
+from abliterate.formats.plans import load_shard_plan
+from abliterate.shard_edit import ablate_shard
+from stages.ablate import app
 from stages.cliutil import run_app
-from stages.finalize import finalize
 
 MEASURING = {"base", "capture@harmful", "capture@harmless", "reduce", "score"}
 
@@ -66,15 +68,15 @@ def test_failures_leave_no_output(ablated, tmp_path, capsys):
     (k1, n1), (k2, _) = keys[0], keys[1]
     code, err = _invoke(["--base", base / n1, "--plan", root / "plan" / f"{k2}.json", "--out", tmp_path / n1], capsys)
     assert code == 2 and "the plan is for shard" in err
-    edited = next(k for k, _ in keys if load_plan(root / "plan" / f"{k}.json")["edits"])
-    stale = load_plan(root / "plan" / f"{edited}.json")
+    edited = next(k for k, _ in keys if load_shard_plan(root / "plan" / f"{k}.json").edits)
+    stale = json.loads((root / "plan" / f"{edited}.json").read_text())
     stale["edits"][0]["shape"] = [1, 2]
     (tmp_path / "stale.json").write_text(json.dumps(stale))
     name = _keys(root)[edited]
     code, err = _invoke(["--base", base / name, "--plan", tmp_path / "stale.json", "--out", tmp_path / name], capsys)
     assert code == 2 and "rerun `dvc repro plan`" in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stale.json"]  # no output, no temporary file
-    broken = load_plan(root / "plan" / f"{edited}.json")
+    broken = json.loads((root / "plan" / f"{edited}.json").read_text())
     broken["edits"][0]["vector"] = "missing"
     (tmp_path / "stale.json").write_text(json.dumps(broken))
     code, err = _invoke(["--base", base / name, "--plan", tmp_path / "stale.json", "--out", tmp_path / name], capsys)
@@ -94,7 +96,7 @@ def test_the_command_dvc_runs_matches_the_typer_command(ablated, tmp_path, capsy
     from pathlib import Path
 
     root, base, out = ablated
-    key, name = next((k, n) for k, n in _keys(root).items() if load_plan(root / "plan" / f"{k}.json")["edits"])
+    key, name = next((k, n) for k, n in _keys(root).items() if load_shard_plan(root / "plan" / f"{k}.json").edits)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
 
     def module(*argv):
@@ -118,7 +120,7 @@ def test_a_terminal_gets_a_progress_bar_and_the_same_bytes(ablated, tmp_path, mo
     from stages.ablate import ablate
 
     root, base, out = ablated
-    key, name = next((k, n) for k, n in _keys(root).items() if load_plan(root / "plan" / f"{k}.json")["edits"])
+    key, name = next((k, n) for k, n in _keys(root).items() if load_shard_plan(root / "plan" / f"{k}.json").edits)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     capsys.readouterr()
     assert ablate(base / name, root / "plan" / f"{key}.json", tmp_path / name) > 0
@@ -129,14 +131,14 @@ def test_a_terminal_gets_a_progress_bar_and_the_same_bytes(ablated, tmp_path, mo
 
 def test_unedited_shards_are_byte_copies_and_chunking_does_not_matter(ablated, tmp_path, monkeypatch):
     root, base, out = ablated
-    plans = {name: load_plan(root / "plan" / f"{key}.json") for key, name in _keys(root).items()}
-    assert any(not p["edits"] for p in plans.values()) and any(p["edits"] for p in plans.values())
+    plans = {name: load_shard_plan(root / "plan" / f"{key}.json") for key, name in _keys(root).items()}
+    assert any(not p.edits for p in plans.values()) and any(p.edits for p in plans.values())
     for name, plan in plans.items():
-        if not plan["edits"]:
+        if not plan.edits:
             assert (out / name).read_bytes() == (base / name).read_bytes()
     monkeypatch.setattr(safetensors_io, "CHUNK_ELEMENTS", 50)  # one or two rows per chunk
     for name, plan in plans.items():
-        if plan["edits"]:
+        if plan.edits:
             ablate_shard(base / name, plan, tmp_path / name)
             small, large = load_file(str(tmp_path / name)), load_file(str(out / name))
             for tensor in small:
@@ -159,7 +161,7 @@ def test_finalize_writes_its_two_files_byte_stably(ablated, tmp_path):
 
 
 def test_finalize_refuses_the_base_folder_and_a_missing_plan(ablated, tmp_path):
-    from stages.cliutil import UserError
+    from abliterate.errors import UserError
 
     root, base, _ = ablated
     with pytest.raises(UserError, match="is the base model folder"):
@@ -213,3 +215,22 @@ def test_dvc_reruns_only_what_an_ablate_change_touches(tmp_path):
     assert sorted(r["layer"] for r in rows) == sorted({1, other})
     assert (root / "artifacts" / "model" / "config.json").is_file()
 
+
+
+@pytest.mark.slow
+def test_dvc_repro_finalize_builds_the_whole_folder(tmp_path):
+    """finalize depends on every shard and carried file, so it alone builds a complete, loadable model."""
+    import sys
+
+    from dvc_project import run
+
+    env = environment(tmp_path)
+    model = tiny.make_model("qwen2", tmp_path / "source", layers=2)
+    root = make_project(tmp_path, model, env, params={"ablate.layers": "1"})
+    ran = stages_run(dvc(root, env, "repro", "finalize"))
+    tables = yaml.safe_load((root / "model.yaml").read_text())
+    assert {f"ablate@{k}" for k in tables["shards"]} | {f"carry@{k}" for k in tables["files"]} <= ran
+    assert not ran & {"baseline", "evaluate"}
+    names = sorted([*tables["shards"].values(), *tables["files"].values(), "abliteration.json", "README.md"])
+    assert sorted(p.name for p in (root / "artifacts" / "model").iterdir() if p.name != ".gitignore") == names
+    run([sys.executable, "-m", "stages.verify", "models/base", "artifacts/model"], root, env)

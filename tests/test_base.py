@@ -30,7 +30,7 @@ def snapshot(folder: Path) -> dict[str, tuple]:
 
 
 def test_folder_is_linked_not_copied_and_source_untouched(model, tmp_path):
-    from stages.base import materialize
+    from abliterate.sources.materialize import materialize
 
     before = snapshot(model)
     assert materialize(str(model), tmp_path / "models" / "base") == "folder"
@@ -46,14 +46,14 @@ def test_folder_is_linked_not_copied_and_source_untouched(model, tmp_path):
     assert {k: (v[1], v[3]) for k, v in after.items()} == {k: (v[1], v[3]) for k, v in before.items()}
     assert tree(tmp_path / "models") == ["base", *[f"base/{n}" for n in names]]  # no temporary folder left
     # the result loads
-    from stages.modelio import load_model
+    from abliterate.model.modelio import load_model
 
     assert load_model(out).config.num_hidden_layers == 2
 
 
 def test_symlinked_files_are_resolved(model, tmp_path):
     """Hugging Face cache snapshots are folders of symlinks into a blob store."""
-    from stages.base import materialize
+    from abliterate.sources.materialize import materialize
 
     snap = tmp_path / "snapshots" / "abc"
     snap.mkdir(parents=True)
@@ -67,7 +67,7 @@ def test_symlinked_files_are_resolved(model, tmp_path):
 
 
 def test_falls_back_to_copy_when_links_fail(model, tmp_path, monkeypatch):
-    from stages import base
+    from abliterate.sources import folder as base
 
     def no_link(src, dst):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
@@ -82,15 +82,15 @@ def test_falls_back_to_copy_when_links_fail(model, tmp_path, monkeypatch):
 
 
 def _fake_module(monkeypatch, name: str, **functions):
-    module = types.ModuleType(f"stages.{name}")
+    module = types.ModuleType(f"abliterate.sources.{name}")
     for key, value in functions.items():
         setattr(module, key, value)
-    monkeypatch.setitem(sys.modules, f"stages.{name}", module)
+    monkeypatch.setitem(sys.modules, f"abliterate.sources.{name}", module)
     return module
 
 
 def test_gguf_goes_through_the_converter(model, tmp_path, monkeypatch):
-    from stages.base import materialize
+    from abliterate.sources.materialize import materialize
 
     calls = []
 
@@ -129,7 +129,8 @@ def test_demo_gets_the_documented_arguments(tmp_path, monkeypatch, capsys):
     calls = []
 
     def build_demo(out: Path, prompts_dir: Path, max_shard_size: str, seed: int, examples: int, epochs: int,
-                   learning_rate: float, batch_size: int, answer_tokens: int, direction_prompts: Path) -> None:
+                   learning_rate: float, batch_size: int, answer_tokens: int, direction_prompts: Path,
+                   report=None) -> None:
         calls.append(dict(prompts_dir=prompts_dir, max_shard_size=max_shard_size, seed=seed, examples=examples,
                           epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
                           answer_tokens=answer_tokens, direction_prompts=direction_prompts))
@@ -149,7 +150,8 @@ def test_demo_gets_the_documented_arguments(tmp_path, monkeypatch, capsys):
 def test_hub_id_is_fetched_then_linked(model, tmp_path, monkeypatch):
     import huggingface_hub
 
-    from stages.base import HUB_PATTERNS, materialize
+    from abliterate.sources.hub import HUB_PATTERNS
+    from abliterate.sources.materialize import materialize
 
     calls = []
 

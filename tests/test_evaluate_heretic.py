@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from stages.cliutil import UserError
-from stages.generation import Generated
+from abliterate.errors import UserError
+from abliterate.model.generation import Generated
 
 
 class ByteTokenizer:
@@ -20,8 +20,8 @@ def _ids(text: str) -> list[int]:
 
 
 def test_heretic_line_continues_cut_answers_and_counts_the_first_prompts(monkeypatch):
-    from stages import evaluate as ev
-    from stages import generation
+    from abliterate import evaluation as ev
+    from abliterate.model import generation
 
     monkeypatch.setattr(ev, "HERETIC_PROMPTS", 3)
     monkeypatch.setattr(ev, "HERETIC_TOKENS", 40)
@@ -50,7 +50,7 @@ def test_heretic_line_continues_cut_answers_and_counts_the_first_prompts(monkeyp
 
 
 def test_compare_adds_a_column_and_refuses_other_files(tmp_path):
-    from stages.evaluate import read_compare, render_report
+    from abliterate.report import read_compare, render_report
 
     metrics = {"refusal_rate_before": 1.0, "refusal_rate_after": 0.5, "over_refusal_rate_before": 0.0,
                "over_refusal_rate_after": 0.0, "kl_first_token": 0.02, "kl_answer": 0.01, "kl_answer_tokens": 4,
@@ -76,5 +76,5 @@ def test_compare_adds_a_column_and_refuses_other_files(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"refusal_rate_after": 1}))
     with pytest.raises(UserError, match="not a metrics file written by evaluate"):
         read_compare(tmp_path / "bad.json")
-    with pytest.raises(UserError, match="do not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         read_compare(tmp_path / "none.json")

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module", params=["llama", "gemma3", "qwen3_next"])
 def tiny(request, tmp_path_factory):
-    from stages.modelio import load_model, load_tokenizer
+    from abliterate.model.modelio import load_model, load_tokenizer
 
     path = make_model(request.param, tmp_path_factory.mktemp(request.param) / "m", layers=2)
     tokenizer = load_tokenizer(path)
@@ -23,7 +23,7 @@ def tiny(request, tmp_path_factory):
 
 
 def _generate(model, prompts, **kw):
-    from stages.generation import greedy_generate
+    from abliterate.model.generation import greedy_generate
 
     kw.setdefault("max_new_tokens", 10)
     kw.setdefault("eos_ids", [257])
@@ -75,7 +75,7 @@ def test_stop_early_is_asked_every_few_tokens(tiny):
 def test_answer_logprobs_match_a_plain_forward_pass(tiny):
     import torch
 
-    from stages.generation import answer_logprobs
+    from abliterate.model.generation import answer_logprobs
 
     model, _, prompts = tiny
     answers = [a.ids for a in _generate(model, prompts, max_new_tokens=6, eos_ids=[])]
@@ -91,7 +91,7 @@ def test_answer_logprobs_match_a_plain_forward_pass(tiny):
 
 
 def test_answer_text_drops_the_final_eos_and_stop_ids_are_united(tiny):
-    from stages.generation import Generated, answer_text, stop_ids
+    from abliterate.model.generation import Generated, answer_text, stop_ids
 
     model, tokenizer, _ = tiny
     ids = tokenizer("ok", add_special_tokens=False)["input_ids"]
@@ -104,7 +104,7 @@ def test_answer_text_drops_the_final_eos_and_stop_ids_are_united(tiny):
 def test_kl_full_matches_the_definition():
     import torch
 
-    from stages.generation import kl_full
+    from abliterate.kl import kl_full
 
     torch.manual_seed(0)
     p, q = torch.log_softmax(torch.randn(50), 0), torch.log_softmax(torch.randn(50), 0)
@@ -117,7 +117,7 @@ def test_kl_full_matches_the_definition():
 def test_set_shift_is_the_two_outcome_term_of_the_kl_chain_rule():
     import torch
 
-    from stages.generation import kl_full, kl_set_shift
+    from abliterate.kl import kl_full, kl_set_shift
 
     torch.manual_seed(2)
     p, q = torch.log_softmax(2 * torch.randn(60).double(), 0), torch.log_softmax(2 * torch.randn(60).double(), 0)
@@ -148,7 +148,7 @@ def test_set_shift_is_the_two_outcome_term_of_the_kl_chain_rule():
 def test_top_k_kl_is_a_lower_bound_and_exact_with_the_whole_vocabulary():
     import torch
 
-    from stages.generation import kl_full, kl_top_k, top_k_summary
+    from abliterate.kl import kl_full, kl_top_k, top_k_summary
 
     torch.manual_seed(1)
     p = torch.log_softmax(3 * torch.randn(4, 200), -1)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages.cliutil import UserError
-from stages.linalg import (
+from abliterate.errors import UserError
+from abliterate.linalg import (
     apply_columns, apply_rows, column_coefficients, column_stats, edit_columns_dense, fold_gain, layer_direction,
     orthogonalize, sparsify, unit,
 )

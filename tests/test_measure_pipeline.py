@@ -60,7 +60,7 @@ def test_repro_then_reruns_only_what_changed(project):
     assert stages_run(dvc(root, env, "repro", "score")) == {"capture@harmless", "reduce", "score"}
 
     # a reduce.* key: neither capture reruns
-    set_params(root / "params.yaml", **{"reduce.projected": True})
+    set_params(root / "params.yaml", **{"reduce.orthogonalize": True})
     assert set(stale(root, env)) == {"reduce"}
     assert stages_run(dvc(root, env, "repro", "score")) == {"reduce", "score"}
     assert stale(root, env) == {}

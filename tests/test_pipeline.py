@@ -1,6 +1,6 @@
 """The whole pipeline under DVC on a tiny model, in a temporary git repository.
 
-`dvc repro` runs every stage of DESIGN §2 once and the result is a loadable, verified model; a
+`dvc repro` runs every stage of the pipeline once and the result is a loadable, verified model; a
 second repro runs nothing; editing an eval prompt file reruns only baseline and evaluate; an
 experiment with another scale reruns only the writing half and shows up in `dvc exp show`; a
 local remote shares the whole pipeline (push, clone, pull: nothing to rerun).

@@ -11,9 +11,12 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import tiny
-from ablation_util import write_directions, write_model_yaml, write_scores
-from stages.cliutil import UserError, run_app
-from stages.plan import app, auto_layers, load_overrides, parse_layers, parse_targets, plan, resolve_layer_edits
+from ablation_util import run_plan, write_directions, write_model_yaml, write_scores
+from abliterate.errors import UserError
+from abliterate.layers import auto_layers, load_overrides, parse_layers, resolve_layer_edits
+from abliterate.targets import parse_targets
+from stages.cliutil import run_app
+from stages.plan import app
 
 
 def test_layer_specs():
@@ -84,8 +87,10 @@ def llama(tmp_path_factory):
 
 
 def _plan(root, out, model=None, **settings):
-    return plan(model or root / "base", root / "model.yaml", settings.pop("directions", root / "directions.safetensors"),
-                root / "layers.json", out, **settings)
+    """The plan's settings (what _settings.json holds)."""
+    return run_plan(model or root / "base", root / "model.yaml",
+                    settings.pop("directions", root / "directions.safetensors"), root / "layers.json", out,
+                    **settings).settings
 
 
 def test_every_shard_gets_a_deterministic_plan(llama, tmp_path):

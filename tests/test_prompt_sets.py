@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.prompts import load_prompts
+from abliterate.model.prompts import load_prompts
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ROOT / "prompts"

@@ -15,7 +15,7 @@ from tests.measure_helpers import HARMFUL, HARMLESS, error_line, invoke, run_mod
 def captured(tmp_path_factory) -> dict[str, Path]:
     import torch
 
-    from stages.capture import capture
+    from abliterate.model.capture import capture
 
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("reduce")
@@ -50,7 +50,7 @@ def load(path: Path):
 
 
 def test_means_and_directions_match_direct_fp64(captured, tmp_path):
-    from stages.reduce import reduce
+    from abliterate.reduction import reduce
 
     out = tmp_path / "d.safetensors"
     reduce(captured["harmful"], captured["harmless"], out)
@@ -72,11 +72,11 @@ def test_means_and_directions_match_direct_fp64(captured, tmp_path):
     assert np.linalg.norm(tensors["direction.3"]) > 0
 
 
-def test_projected_unit_is_orthogonal_to_harmless_mean(captured, tmp_path):
-    from stages.reduce import reduce
+def test_orthogonalized_unit_is_orthogonal_to_harmless_mean(captured, tmp_path):
+    from abliterate.reduction import reduce
 
     out = tmp_path / "d.safetensors"
-    reduce(captured["harmful"], captured["harmless"], out, projected=True)
+    reduce(captured["harmful"], captured["harmless"], out, orthogonalize=True)
     tensors, meta = load(out)
     assert meta["projected"] == "true"
     for i in range(1, 4):
@@ -89,20 +89,17 @@ def test_projected_unit_is_orthogonal_to_harmless_mean(captured, tmp_path):
 
 
 def test_winsorize_clamps_each_vector_at_its_own_quantile(tmp_path):
-    from stages.capture import write_parquet
-    from stages.reduce import read_activation_sums
+    from abliterate.formats.activations import ActivationWriter
+    from abliterate.reduction import activation_sums
 
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(2, 5, 32)).astype(np.float32)  # [index, prompt, H]
     vectors[1, 2, 3] = 1000.0  # one outlier
-    spill = []
-    for i in range(2):
-        path = tmp_path / f"{i}.f32"
-        path.write_bytes(vectors[i].tobytes())
-        spill.append(path)
     out = tmp_path / "a.parquet"
-    write_parquet(out, spill, list(range(5)), 5, [-1], 32, {"num_layers": "1", "hidden_size": "32"})
-    sums, counts, _ = read_activation_sums(out, winsorize=0.9)
+    with ActivationWriter(out) as writer:
+        writer.add(list(range(5)), vectors[:, :, None, :])  # [index, prompt, position, H]
+        writer.finish(5, [-1], {"num_layers": "1", "hidden_size": "32"})
+    sums, counts, _ = activation_sums(out, winsorize=0.9)
     expected = []
     for i in range(2):
         x = vectors[i].astype(np.float64)
@@ -113,11 +110,11 @@ def test_winsorize_clamps_each_vector_at_its_own_quantile(tmp_path):
 
 
 def test_rerun_is_byte_identical_across_processes(captured, tmp_path):
-    from stages.reduce import reduce
+    from abliterate.reduction import reduce
 
-    reduce(captured["harmful"], captured["harmless"], tmp_path / "a.safetensors", winsorize=0.99, projected=True)
+    reduce(captured["harmful"], captured["harmless"], tmp_path / "a.safetensors", winsorize=0.99, orthogonalize=True)
     result = run_module("reduce", "--harmful", captured["harmful"], "--harmless", captured["harmless"],
-                        "--out", tmp_path / "b.safetensors", "--winsorize", "0.99", "--projected", "true")
+                        "--out", tmp_path / "b.safetensors", "--winsorize", "0.99", "--orthogonalize", "true")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
 
@@ -125,10 +122,10 @@ def test_rerun_is_byte_identical_across_processes(captured, tmp_path):
 def test_export_refuse_layout(captured, tmp_path):
     import torch
 
-    from stages.export_refuse import export_refuse
-    from stages.reduce import reduce
+    from abliterate.formats.refuse import export_refuse
+    from abliterate.reduction import reduce
 
-    reduce(captured["harmful"], captured["harmless"], tmp_path / "d.safetensors", projected=True)
+    reduce(captured["harmful"], captured["harmless"], tmp_path / "d.safetensors", orthogonalize=True)
     export_refuse(tmp_path / "d.safetensors", tmp_path / "m.refuse")
     data = torch.load(tmp_path / "m.refuse")
     tensors, _ = load(tmp_path / "d.safetensors")
@@ -168,7 +165,7 @@ def test_bad_inputs(captured, tmp_path, capsys):
          "identical")
     _bad(capsys, tmp_path, [*ok, "--winsorize", "1.5"], "winsorize")
     _bad(capsys, tmp_path, [*ok, "--winsorize", "high"], "winsorize")  # a param of the wrong type
-    _bad(capsys, tmp_path, [*ok, "--projected", "maybe"], "true or false")
+    _bad(capsys, tmp_path, [*ok, "--orthogonalize", "maybe"], "true or false")
 
 
 def test_export_refuse_bad_input(tmp_path, capsys):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stages.refusal import MARGIN, WINDOW, find_refusal, is_refusal, normalize, refusal_decided
+from abliterate.refusal import MARGIN, WINDOW, find_refusal, is_refusal, normalize, refusal_decided
 
 REFUSALS = [
     "I can\u2019t help with that.",  # curly apostrophe

@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from stages import safetensors_io as sio
-from stages.cliutil import UserError
+from abliterate.formats import safetensors_io as sio
+from abliterate.errors import UserError
 
 
 @pytest.fixture()

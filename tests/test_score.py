@@ -24,7 +24,7 @@ def directions_from(harmful: list[list[float]], harmless: list[list[float]]) -> 
 
 
 def test_index_scores_by_hand():
-    from stages.score import index_scores
+    from abliterate.scoring import index_scores
 
     scores = index_scores(directions_from(
         harmful=[[1.0, 1.0], [2.0, 0.0], [0.0, 3.0]],
@@ -51,7 +51,7 @@ def test_index_scores_by_hand():
 
 
 def test_pick_best_respects_depth_range_and_ties():
-    from stages.score import pick_best
+    from abliterate.scoring import pick_best
 
     scores = [{"index": i, "quality": q} for i, q in enumerate([9.0, 1.0, 3.0, 3.0, 2.0, 9.0])]
     assert pick_best(scores, 5, 0.1, 0.9) == 2  # 0 and 5 are outside [0.5, 4.5]; tie 2/3 -> lower
@@ -74,7 +74,7 @@ def planted(num_layers: int = 6, hidden: int = 16, best: int = 4) -> dict:
 
 
 def write_directions(path, directions: dict, num_layers: int) -> None:
-    from stages.reduce import save_safetensors
+    from abliterate.formats.safetensors_io import write_safetensors as save_safetensors
 
     tensors = {k: v.numpy() for k, v in directions.items()}
     tensors.update({f"unit.{i}": tensors[f"direction.{i}"] for i in range(num_layers + 1)})

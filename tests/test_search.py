@@ -14,9 +14,10 @@ import pytest
 import torch
 
 import tiny
-from ablation_util import plan_and_ablate, write_directions, write_model_yaml, write_scores
+from ablation_util import plan_and_ablate, pop_options, run_plan, write_directions, write_model_yaml, write_scores
 from measure_helpers import HARMFUL, HARMLESS, write_lines
-from stages.cliutil import UserError, run_app
+from abliterate.errors import UserError
+from stages.cliutil import run_app
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(validation=6, confirm_prompts=10, proxy_tokens=4, confirm_tokens=8, confirm_top=3, batch_size=8, device="cpu", threads=1)
@@ -40,12 +41,13 @@ def llama(tmp_path_factory):
 
 
 def _search(root: Path, out: Path, **settings) -> dict:
-    from stages.search import run_search
+    from abliterate.search import run_search
 
     harmful, harmless = str(root / "harmful.txt"), str(root / "harmless.txt")
     args = {**FAST, "journal_dir": str(out / "journal"), "scores": root / "layers.json", **settings}
+    options = pop_options(args)
     return run_search(root / "base", root / "directions.safetensors", harmful, harmless, out / "search.json",
-                      out / "search.csv", **args)
+                      out / "search.csv", options=options, **args)
 
 
 def _state(model) -> dict:
@@ -69,7 +71,7 @@ def test_trials_zero_writes_the_no_search_file_without_loading_anything(tmp_path
 
 def test_layers_search_without_a_search_is_a_clear_error(llama, tmp_path):
     from stages.plan import app
-    from stages.search import run_search
+    from abliterate.search import run_search
 
     skipped = tmp_path / "search.json"
     run_search(Path("nowhere"), Path("nowhere"), "x", "y", skipped, tmp_path / "search.csv")
@@ -83,15 +85,13 @@ def test_layers_search_without_a_search_is_a_clear_error(llama, tmp_path):
             run_app(app, [str(a) for a in base + extra])
         assert exc.value.code == 2
     with pytest.raises(UserError, match="no search ran"):
-        from stages.plan import plan
-
-        plan(llama / "base", llama / "model.yaml", llama / "directions.safetensors", llama / "layers.json",
-             tmp_path / "plan", layers="search", search=skipped)
+        run_plan(llama / "base", llama / "model.yaml", llama / "directions.safetensors", llama / "layers.json",
+                 tmp_path / "plan", layers="search", search=skipped)
     assert not (tmp_path / "plan").exists()
 
 
 def test_kernel_is_a_tent_per_component_and_mlp_can_be_switched_off():
-    from stages.search_space import component_roles, kernel, layer_scales
+    from abliterate.search_space import component_roles, kernel, layer_scales
 
     params = {"measurement": 5.25, "attention_peak": 4.0, "attention_width": 2.0, "attention_weight": 1.2,
               "attention_edge": 0.5, "mlp_peak": 6.0, "mlp_width": 3.0, "mlp_weight": -0.1, "mlp_edge": 1.0}
@@ -108,22 +108,22 @@ def test_kernel_is_a_tent_per_component_and_mlp_can_be_switched_off():
 
 
 def test_fractional_measurement_interpolates_the_unit_directions(llama):
-    from stages.edits import measured_direction
-    from stages.reduce import load_directions
+    from abliterate.edits import direction_at
+    from abliterate.formats.directions import load_directions
 
     tensors, _ = load_directions(llama / "directions.safetensors")
     a, b = (tensors[f"unit.{i}"].double() for i in (2, 3))
-    mixed, harmless = measured_direction(tensors, 2.25)
+    mixed, harmless = direction_at(tensors, 2.25)
     expected = 0.75 * a / a.norm() + 0.25 * b / b.norm()
     assert torch.allclose(mixed, expected, atol=1e-12)
     means = [tensors[f"harmless_mean.{i}"].double() for i in (2, 3)]
     assert torch.allclose(harmless, 0.75 * means[0] + 0.25 * means[1])
-    whole, whole_harmless = measured_direction(tensors, 2)
+    whole, whole_harmless = direction_at(tensors, 2)
     assert whole is tensors["unit.2"] and whole_harmless is tensors["harmless_mean.2"]  # whole indices: unchanged
 
 
 def _fake_search(path: Path, directions: Path, num_layers: int, layers: list[dict], targets: list[str]) -> Path:
-    from stages.prompts import file_hash
+    from abliterate.hashing import sha256_file as file_hash
 
     inputs = {"num_layers": num_layers, "directions_sha256": file_hash(directions)}
     doc = {"format": 1, "status": "done", "inputs": inputs,
@@ -140,11 +140,12 @@ def test_in_memory_edit_equals_the_engines_on_disk_edit_bit_for_bit(family, dtyp
     """plan --layers search + ablate on disk, reloaded, equals the live edit of the same settings."""
     from transformers import AutoModelForCausalLM
 
-    from stages.edits import build_edits
-    from stages.live_edit import LiveEditor
-    from stages.modelio import read_config, text_config, weight_map
-    from stages.plan import LayerEdit
-    from stages.reduce import load_directions
+    from abliterate.edits import build_edits
+    from abliterate.records import AblationOptions
+    from abliterate.model.live_edit import LiveEditor
+    from abliterate.model.modelio import read_config, text_config, weight_map
+    from abliterate.records import LayerEdit
+    from abliterate.formats.directions import load_directions
 
     base = tiny.make_model(family, tmp_path / "base", layers=3, dtype=dtype)
     write_directions(tmp_path / "directions.safetensors", 3)
@@ -165,8 +166,8 @@ def test_in_memory_edit_equals_the_engines_on_disk_edit_bit_for_bit(family, dtyp
     names, config = weight_map(base), text_config(read_config(base))
     tensors, _ = load_directions(tmp_path / "directions.safetensors")
     settings = [LayerEdit(**{**e, "roles": tuple(e["roles"])}) for e in layers]
-    edits, _ = build_edits(base, names, config, tensors, settings, {"norm_preserve": True, "projected": True,
-                                                                     "targets": targets},
+    edits, _ = build_edits(base, names, config, tensors, settings,
+                           AblationOptions(norm_preserve=True, projected=True, targets=tuple(targets)),
                            default=LayerEdit(-1, 1.3, 1.0, 0.0))
     editor = LiveEditor(model, base, names, threads=2)
     editor.apply(edits)
@@ -206,8 +207,7 @@ def test_chosen_trial_respects_the_kl_budget(llama, tmp_path):
 
 
 def test_trials_far_over_the_budget_are_not_answered(llama, tmp_path, monkeypatch):
-    from stages.plan import plan
-    from stages.validation import Scorer
+    from abliterate.model.validation import Scorer
 
     answered = []
     original = Scorer.refusals
@@ -217,8 +217,8 @@ def test_trials_far_over_the_budget_are_not_answered(llama, tmp_path, monkeypatc
     assert answered == [(FAST["proxy_tokens"],), (FAST["confirm_tokens"],)]  # only the base model answered
     assert (tmp_path / "search.csv").read_text().splitlines()[1].split(",")[1] == ""
     with pytest.raises(UserError, match="no trial in .* kept the first-token KL within search.kl-budget"):
-        plan(llama / "base", llama / "model.yaml", llama / "directions.safetensors", llama / "layers.json",
-             tmp_path / "plan", layers="search", search=tmp_path / "search.json")
+        run_plan(llama / "base", llama / "model.yaml", llama / "directions.safetensors", llama / "layers.json",
+                 tmp_path / "plan", layers="search", search=tmp_path / "search.json")
 
 
 def test_search_repeats_exactly_and_continues_its_journal(llama, tmp_path):
@@ -239,9 +239,9 @@ def test_searched_plan_writes_the_model_the_trial_scored(llama, tmp_path):
     doc = _search(llama, tmp_path / "s", trials=4, startup_trials=4, kl_budget=1e9)
     shutil.copy(llama / "directions.safetensors", tmp_path / "directions.safetensors")
     out = plan_and_ablate(llama / "base", tmp_path, layers="search", search=tmp_path / "s" / "search.json")
-    from stages.modelio import load_model, load_tokenizer
-    from stages.prompts import render
-    from stages.validation import Scorer, split_validation
+    from abliterate.model.modelio import load_model, load_tokenizer
+    from abliterate.model.prompts import render
+    from abliterate.model.validation import Scorer, split_validation
 
     sets = split_validation(llama / "harmful.txt", llama / "harmless.txt", FAST["validation"], FAST["confirm_prompts"])
     assert len(sets.confirm) == 10 and sets.confirm[-6:] == sets.harmful  # the validation prompts among them
@@ -258,7 +258,7 @@ def test_searched_plan_writes_the_model_the_trial_scored(llama, tmp_path):
 
 
 def test_ctrl_c_keeps_the_best_so_far(llama, tmp_path, monkeypatch):
-    from stages.search_run import Study
+    from abliterate.model.study import Study
 
     calls = []
     original = Study.score
@@ -279,7 +279,8 @@ def test_ctrl_c_keeps_the_best_so_far(llama, tmp_path, monkeypatch):
 
 
 def test_plan_refuses_a_search_made_with_other_settings(llama, tmp_path):
-    from stages.plan import plan
+    def plan(*args, **settings):
+        return run_plan(*args, **settings).settings
 
     search = _fake_search(tmp_path / "search.json", llama / "directions.safetensors", 4,
                           [{"layer": 1, "measurement": 2.5, "scale": 1.0, "sparsity": 0.0, "roles": ["attention"]}],
@@ -306,9 +307,9 @@ def test_search_refuses_targets_it_does_not_tune(llama, tmp_path):
 
 def test_shared_prefix_scoring_matches_whole_prompts(llama):
     """Trials run the prompts' common opening once; KL and verdicts match running whole prompts."""
-    from stages.modelio import load_model, load_tokenizer
-    from stages.prompts import render
-    from stages.validation import Scorer, split_validation
+    from abliterate.model.modelio import load_model, load_tokenizer
+    from abliterate.model.prompts import render
+    from abliterate.model.validation import Scorer, split_validation
 
     sets = split_validation(llama / "harmful.txt", llama / "harmless.txt", 6)
     tokenizer = load_tokenizer(llama / "base")
@@ -329,7 +330,7 @@ def test_shared_prefix_scoring_matches_whole_prompts(llama):
 
 
 def _whole_greedy(scorer, steps):
-    from stages.generation import greedy_generate
+    from abliterate.model.generation import greedy_generate
 
     answers = greedy_generate(scorer.model, scorer.harmful_ids, max_new_tokens=steps, eos_ids=[], pad_id=scorer.pad,
                               batch_size=scorer.batch_size, device="cpu")
@@ -338,9 +339,9 @@ def _whole_greedy(scorer, steps):
 
 def test_replayed_bottom_layers_give_the_same_numbers(llama):
     """Layers below the lowest edited one are replayed from the base model's records, bit for bit."""
-    from stages.modelio import load_model, load_tokenizer
-    from stages.prompts import render
-    from stages.validation import Scorer, split_validation
+    from abliterate.model.modelio import load_model, load_tokenizer
+    from abliterate.model.prompts import render
+    from abliterate.model.validation import Scorer, split_validation
 
     sets = split_validation(llama / "harmful.txt", llama / "harmless.txt", 6)
     tokenizer = load_tokenizer(llama / "base")
@@ -380,9 +381,9 @@ def test_the_first_trial_is_the_default_ablation(llama, tmp_path):
 
 
 def _kl_of(root: Path, model: Path) -> float:
-    from stages.modelio import load_model, load_tokenizer
-    from stages.prompts import render
-    from stages.validation import Scorer, split_validation
+    from abliterate.model.modelio import load_model, load_tokenizer
+    from abliterate.model.prompts import render
+    from abliterate.model.validation import Scorer, split_validation
 
     sets = split_validation(root / "harmful.txt", root / "harmless.txt", FAST["validation"])
     tokenizer = load_tokenizer(root / "base")
@@ -406,7 +407,7 @@ def test_auto_budget_is_the_default_ablations_kl(llama, tmp_path):
 
 @pytest.mark.parametrize("budget", ["lots", "0", "-0.5", "nan"])
 def test_a_bad_kl_budget_is_one_clear_line(tmp_path, budget):
-    from stages.search import run_search
+    from abliterate.search import run_search
 
     with pytest.raises(UserError, match="search.kl-budget must be auto or a number of nats above 0"):
         run_search(Path("nowhere"), Path("nowhere"), "x", "y", tmp_path / "s.json", tmp_path / "s.csv", trials=2,
@@ -425,7 +426,7 @@ def test_more_confirmation_prompts_than_the_file_is_one_clear_line(llama, tmp_pa
 
 
 def test_no_confirmation_prompts_is_one_clear_line(tmp_path):
-    from stages.search import run_search
+    from abliterate.search import run_search
 
     with pytest.raises(UserError, match="search.confirm-prompts must be at least 1, got 0"):
         run_search(Path("nowhere"), Path("nowhere"), "x", "y", tmp_path / "s.json", tmp_path / "s.csv", trials=2,

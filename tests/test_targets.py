@@ -7,9 +7,9 @@ from collections import Counter
 import pytest
 
 import tiny
-from stages.cliutil import UserError
-from stages.modelio import read_config, text_config, weight_map
-from stages.targets import is_writer_like, match_tensors, quantized_twin
+from abliterate.errors import UserError
+from abliterate.model.modelio import read_config, text_config, weight_map
+from abliterate.targets import is_writer_like, match_tensors, quantized_twin
 
 DENSE = {"attention": 1, "mlp": 1}
 # roles found in decoder layer 1 of a 2-layer tiny model (4 experts), from the on-disk layouts

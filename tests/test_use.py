@@ -94,7 +94,7 @@ def test_single_file_model_and_extra_files(repo, tmp_path, monkeypatch, capsys):
 
 
 def test_file_keys():
-    from stages.use import file_key
+    from abliterate.formats.model_yaml import file_key
 
     assert file_key("config.json") == "config"
     assert file_key("model.safetensors.index.json") == "index"
@@ -106,14 +106,14 @@ def test_file_keys():
 def test_non_folder_source_runs_base_first(repo, tmp_path, monkeypatch, capsys):
     """A GGUF's shard list is known only after `base`: use runs it, then reads models/base."""
     from stages import use
-    from stages.base import materialize
+    from abliterate.sources.materialize import materialize
 
     def convert_gguf(gguf_file, out, max_shard_size):
         tiny.make_model("qwen2", out, layers=2)
 
-    fake = types.ModuleType("stages.gguf")
+    fake = types.ModuleType("abliterate.sources.gguf")
     fake.convert_gguf = convert_gguf
-    monkeypatch.setitem(sys.modules, "stages.gguf", fake)
+    monkeypatch.setitem(sys.modules, "abliterate.sources.gguf", fake)
     seen = []
 
     def repro(root: Path) -> None:  # what `dvc repro base` does, in-process
@@ -168,7 +168,9 @@ def test_bad_sources_change_nothing(case, repo, tmp_path, monkeypatch, capsys):
 
 
 def test_check_model_yaml_detects_a_stale_shard_list(repo, sharded, tmp_path, monkeypatch, capsys):
-    from stages.use import UserError, check_model_yaml, use
+    from abliterate.errors import UserError
+    from abliterate.formats.model_yaml import check_model_yaml
+    from stages.use import use
 
     monkeypatch.chdir(repo)
     use(str(sharded))
@@ -176,3 +178,38 @@ def test_check_model_yaml_detects_a_stale_shard_list(repo, sharded, tmp_path, mo
     other = tiny.make_model("llama", tmp_path / "single", layers=1, max_shard_size="50MB")
     with pytest.raises(UserError, match="out of date"):
         check_model_yaml(other, repo / "model.yaml")
+
+
+def _finalize_deps(dvc_yaml: Path) -> list[str]:
+    deps = read_yaml(dvc_yaml)["stages"]["finalize"]["deps"]
+    return sorted(d for d in deps if d.startswith("artifacts/model/"))
+
+
+def _model_files(model_yaml: Path) -> list[str]:
+    tables = read_yaml(model_yaml)
+    return sorted(f"artifacts/model/{name}" for name in [*tables["shards"].values(), *tables["files"].values()])
+
+
+def test_the_committed_dvc_yaml_lists_every_file_of_the_ablated_folder_under_finalize():
+    """So that `dvc repro finalize` builds the whole folder (the ablate@ and carry@ stages)."""
+    assert _finalize_deps(REPO / "dvc.yaml") == _model_files(REPO / "model.yaml")
+
+
+def test_use_rewrites_only_finalizes_file_list_in_dvc_yaml(repo, sharded, capsys, monkeypatch):
+    from stages.use import app
+
+    monkeypatch.chdir(repo)
+    old = [line for line in (repo / "dvc.yaml").read_text().splitlines() if "- artifacts/model/model-" not in line]
+    (repo / "dvc.yaml").write_text("\n".join(old).replace("- artifacts/model/config.json", "- artifacts/model/old.bin"))
+    before = (repo / "dvc.yaml").read_text().splitlines()
+    code, err = invoke(app, [str(sharded)], capsys)
+    assert code == 0, err
+    after = (repo / "dvc.yaml").read_text().splitlines()
+    assert _finalize_deps(repo / "dvc.yaml") == _model_files(repo / "model.yaml")
+    kept = [line for line in before if "artifacts/model/" not in line or "- artifacts/model/" not in line]
+    assert [line for line in after if "artifacts/model/" not in line or "- artifacts/model/" not in line] == kept
+    (repo / "dvc.yaml").write_text("\n".join(line for line in after if "the rest of the folder" not in line))
+    before = {n: (repo / n).read_bytes() for n in ("params.yaml", "model.yaml", "dvc.yaml")}
+    code, err = invoke(app, [str(sharded)], capsys)
+    assert code == 2 and "lacks the comment line" in error_line(err)
+    assert {n: (repo / n).read_bytes() for n in before} == before

@@ -11,8 +11,9 @@ from safetensors.torch import load_file, save_file
 import tiny
 from ablation_util import plan_and_ablate
 from stages.cliutil import run_app
-from stages.finalize import finalize
-from stages.verify import app, verify
+from abliterate.finalize import finalize
+from abliterate.verification import verify
+from stages.verify import app
 
 
 def _ablated(root, family="qwen2_moe", dtype="float32", **settings):
@@ -95,8 +96,8 @@ def test_norm_tolerance_covers_bf16_rounding_of_outlier_dominated_columns():
     roundoff after a norm-preserving edit; the norm check must accept that, and only that."""
     import torch
 
-    from stages.linalg import edit_columns_dense
-    from stages.verify import norm_tolerance_for, tolerance_for
+    from abliterate.linalg import edit_columns_dense
+    from abliterate.verification import norm_tolerance_for, tolerance_for
 
     hidden, worst = 576, 0.0
     for seed in range(20):

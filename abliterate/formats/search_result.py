@@ -1,0 +1,66 @@
+"""``artifacts/search.json`` and ``plots/search.csv``: what the search stage found, read by ``plan``.
+
+``search.json`` (:data:`FORMAT`): ``status`` (``skipped`` when ``search.trials`` is 0, ``done`` or
+``interrupted``), ``chosen`` (the chosen trial: its per-layer settings, which ``plan --layers
+search`` turns into edits), ``pareto``, ``inputs`` (directions hash, model, layer count), ``options``
+(the ablation options it was searched with), ``start`` (the default ablation's trial), ``settings``,
+``validation``, ``space``, ``base`` and every trial. ``search.csv``: one row per trial (trial,
+proxy refusals, first-token KL, on the Pareto front, confirmed refusals).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from abliterate.errors import fail
+from abliterate.formats.atomic import write_text
+from abliterate.formats.jsonfile import read_json, write_json
+
+FORMAT = 1
+HOW = "set search.trials, e.g. `dvc exp run -S search.trials=100 -S ablate.layers=search`"
+
+
+def write_search(doc: dict, out: str | Path, plot: str | Path) -> None:
+    """``search.json`` and the per-trial CSV, both atomically."""
+    lines = ["trial,refusals,kl,pareto,confirmed"]
+    for t in doc.get("trials", []):
+        proxy = "" if t["refusals_proxy"] is None else str(t["refusals_proxy"])  # not answered: KL far too high
+        confirmed = "" if t["refusals"] is None else str(t["refusals"])
+        lines.append(f"{t['trial']},{proxy},{t['kl']!r},{int(t['pareto'])},{confirmed}")
+    write_text(plot, "\n".join(lines) + "\n")
+    write_json(out, doc)
+
+
+def skipped(reason: str) -> dict:
+    """The document of a search that did not run."""
+    return {"format": FORMAT, "status": "skipped", "reason": reason, "how": HOW, "trials": []}
+
+
+def read_chosen(path: str | Path | None, directions_sha256: str, num_layers: int, options) -> dict:
+    """The chosen trial of ``search.json`` as plan's per-layer settings; one line if unusable.
+
+    ``options``: the :class:`abliterate.edits.AblationOptions` of the plan, which must be the
+    search's. Returns ``{"edits": [LayerEdit], "measurement": m, "source": {...}}``.
+    """
+    from abliterate.records import LayerEdit
+
+    doc = read_json(path, "search result", "rerun `dvc repro search`",
+                    missing=f"ablate.layers is search: {HOW}")
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        fail(f"{path} is not a search result of format {FORMAT}; rerun `dvc repro search`")
+    if doc.get("status") == "skipped":
+        fail(f"ablate.layers is search, but no search ran (search.trials is 0); {HOW}")
+    chosen = doc.get("chosen")
+    if not chosen:
+        fail(f"no trial in {path} kept the first-token KL within search.kl-budget ({doc['settings']['kl_budget']}); "
+             "raise search.kl-budget or run more trials")
+    if doc["inputs"]["num_layers"] != num_layers or doc["inputs"]["directions_sha256"] != directions_sha256:
+        fail(f"{path} was searched on other directions or another model; rerun `dvc repro search`")
+    for key, value in options.to_json().items():
+        if doc["options"][key] != value:
+            fail(f"{path} was searched with {key.replace('_', '-')} {doc['options'][key]} but ablate asks for "
+                 f"{value}; rerun `dvc repro search` (or restore the setting)")
+    edits = [LayerEdit.from_json(e) for e in chosen["layers"]]
+    source = {"file": str(path), "trial": chosen["trial"], "status": doc["status"], "refusals": chosen["refusals"],
+              "validation_prompts": doc["validation"]["harmful"]["count"], "kl": chosen["kl"]}
+    return {"edits": edits, "measurement": chosen["measurement"], "source": source}

@@ -1,0 +1,78 @@
+"""Capture one prompt set's residual-stream activations into an activation parquet.
+
+One forward pass per batch (no ``generate``), left padding, batches sorted by length; the hooks
+of :mod:`abliterate.model.hooks` keep only the requested positions, and
+:class:`abliterate.formats.activations.ActivationWriter` spills each batch to disk, so memory does
+not grow with the prompt count beyond one index's vectors at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from abliterate.errors import fail
+from abliterate.progress import PLAIN, Reporter
+
+
+def capture(model_dir: Path, prompts: str, out: Path, batch_size: int = 32, dtype: str = "float32",
+            device: str = "auto", positions: str = "-1", system_prompt: str = "", chat_template: str = "",
+            report: Reporter = PLAIN) -> dict:
+    """Capture one prompt set's activations at every residual index into ``out`` (parquet).
+
+    Returns a summary dict (prompts, positions, layers, hidden size, seconds).
+    """
+    from abliterate.formats.activations import INDEX_CONVENTION, ActivationWriter
+    from abliterate.hashing import sha256_file, sha256_text
+    from abliterate.model import modelio
+    from abliterate.model.hooks import capture_batches, parse_positions
+    from abliterate.model.prompts import load_prompts, prompts_hash, render, resolve_template, template_hash
+
+    offsets = parse_positions(positions)
+    if batch_size < 1:
+        fail(f"capture batch size must be at least 1, got {batch_size}")
+    modelio.torch_dtype(dtype)  # validates the name before anything slow happens
+    modelio.check_model_dir(model_dir)
+    texts = load_prompts(prompts)
+    tokenizer = modelio.load_tokenizer(model_dir)
+    template = resolve_template(tokenizer, chat_template)
+    sequences = render(tokenizer, texts, system_prompt=system_prompt, chat_template=chat_template)
+    shortest = min(len(s) for s in sequences)
+    if shortest < -offsets[0]:
+        fail(f"capture position {offsets[0]} is before the start of a {shortest}-token prompt; use positions closer to -1")
+
+    import torch
+
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    model = modelio.load_model(model_dir, dtype=dtype, device=device)
+    config = modelio.read_config(model_dir)
+    with ActivationWriter(out) as writer:
+        with report.task(f"capture {Path(str(prompts)).stem}", total=len(sequences)) as task:
+            num_layers = capture_batches(model, sequences, offsets, batch_size, tokenizer.pad_token_id, writer.add,
+                                         on_progress=task.advance)
+        text_config = modelio.text_config(config)
+        metadata = {
+            "index_convention": INDEX_CONVENTION,
+            "model": str((config.get("architectures") or [text_config.get("model_type", "unknown")])[0]),
+            "model_type": str(text_config.get("model_type", "")),
+            "model_config_sha256": sha256_file(Path(model_dir) / "config.json"),
+            "hidden_size": str(writer.hidden),
+            "num_layers": str(num_layers),
+            "num_indices": str(num_layers + 1),
+            "num_prompts": str(len(texts)),
+            "positions": ",".join(str(o) for o in offsets),
+            "dtype": dtype,
+            "template_sha256": template_hash(template),
+            "system_prompt_sha256": sha256_text(system_prompt),
+            "prompt_file_sha256": sha256_file(prompts) if Path(str(prompts)).is_file() else "",
+            "prompts_sha256": prompts_hash(texts),
+        }
+        writer.finish(len(texts), offsets, metadata)
+    seconds = time.perf_counter() - started
+    report.message(
+        f"capture: {len(texts)} prompts x {len(offsets)} position(s) x {num_layers + 1} residual indices "
+        f"(hidden {writer.hidden}) -> {out} in {seconds:.1f} s"
+    )
+    return {"prompts": len(texts), "positions": offsets, "num_layers": num_layers, "hidden_size": writer.hidden,
+            "seconds": seconds}

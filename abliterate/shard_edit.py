@@ -1,0 +1,124 @@
+"""Edit one shard: a copy of the base shard with only the planned tensors' bytes recomputed.
+
+The header, every offset and ``__metadata__`` stay identical, and a shard without edits is a plain
+byte copy (:func:`abliterate.formats.safetensors_io.patch_copy`). Memory stays at a few chunks of
+rows (1 MB in fp32), never a whole tensor or shard: a 2-D writer is read twice (column
+statistics, then the edit), every other layout once. The chunk math runs on numpy: no torch
+import, so a process per shard starts in a fraction of a second. The output is written under a
+temporary name and renamed, and the input is never written to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from abliterate.records import Edit
+from abliterate.errors import fail
+from abliterate.formats.atomic import same_file
+from abliterate.formats.plans import ShardPlan
+
+
+def producer(edits: list[Edit], vectors: Callable[[object], object] | None = None):
+    """The chunked producer of one tensor's edited bytes (see :func:`abliterate.formats.safetensors_io.patch_copy`).
+
+    ``edits``: the tensor's edits in application order (one layout); ``vectors(values)``: turns an
+    edit's vector into a fp64 numpy array (a cache shared by a shard's producers), default ``np.asarray``.
+    """
+    import numpy as np
+
+    from abliterate.formats.safetensors_io import CHUNK_ELEMENTS, RowReader, as_rows, compute_dtype, row_chunks
+    from abliterate.linalg import apply_columns, apply_rows, column_coefficients, column_stats
+
+    as_array = vectors or (lambda values: np.asarray(values, dtype=np.float64))
+    layout = edits[0].layout
+    u = np.stack([as_array(e.vector) for e in edits], axis=1)  # [hidden, T] fp64
+
+    def columns(fd: int, info, write) -> None:
+        cdt = compute_dtype(info.dtype)
+        _, cols = as_rows(info)
+        uc = u.astype(cdt)
+        chunks = list(row_chunks(info, CHUNK_ELEMENTS))
+        most = max(end - start for start, end in chunks)
+        reader, scratch = RowReader(fd, info, most), np.empty(most * cols, dtype=cdt)
+        g = np.zeros((u.shape[1], cols))  # [T, in] fp64
+        n2 = np.zeros(cols)  # [in]
+        for start, end in chunks:
+            part_g, part_n2 = column_stats(reader.read(start, end), uc[start:end], scratch)
+            g += part_g
+            n2 += part_n2
+        b, f = column_coefficients(g, n2, u, [e.scale for e in edits], [e.norm_preserve for e in edits])
+        finite = bool(np.isfinite(n2).all() and np.isfinite(b).all())  # then no NaN can come out
+        b, f = b.astype(cdt), f.astype(cdt)
+        for start, end in chunks:
+            write(apply_columns(reader.read(start, end), uc[start:end], b, f, scratch), start, finite)
+
+    def rows(fd: int, info, write) -> None:
+        cdt = compute_dtype(info.dtype)
+        chunks = list(row_chunks(info, CHUNK_ELEMENTS))
+        reader = RowReader(fd, info, max(end - start for start, end in chunks))
+        for start, end in chunks:
+            chunk = reader.read(start, end)  # [rows, hidden]
+            for t, e in enumerate(edits):
+                chunk = apply_rows(chunk, u[:, t].astype(cdt), float(e.scale), bool(e.norm_preserve))
+            write(chunk, start)
+
+    return columns if layout == "columns" else rows
+
+
+def check(base: Path, plan: ShardPlan, out: Path) -> dict[str, list[Edit]]:
+    """Check the shard, the plan and the output path; return the plan's edits by tensor name.
+
+    Plain Python (no numpy), so that every check is done before the first byte is written and
+    before anything slow is imported.
+    """
+    from abliterate.formats.safetensors_io import FLOAT_DTYPES, read_header
+
+    base, out = Path(base), Path(out)
+    if not base.is_file():
+        fail(f"base shard {base} does not exist; run `dvc repro base` (or check --base)")
+    if same_file(base, out):
+        fail(f"the output {out} is the input shard itself; write the ablated shard somewhere else (e.g. artifacts/model/)")
+    if plan.file not in (None, base.name):
+        fail(f"the plan is for shard {plan.file}, not {base.name}; pass the matching --plan file")
+    header = read_header(base)
+    grouped = plan.by_tensor()
+    for name, edits in grouped.items():
+        info = header.tensors.get(name)
+        if info is None or info.dtype != edits[0].dtype or tuple(info.shape) != tuple(edits[0].shape):
+            got = "missing" if info is None else f"{info.dtype} {list(info.shape)}"
+            fail(f"tensor {name} in {base} is {got}, but the plan expects {edits[0].dtype} {list(edits[0].shape)}; "
+                 "the plan is out of date: rerun `dvc repro plan`")
+        if info.dtype not in FLOAT_DTYPES:
+            fail(f"tensor {name} is stored as {info.dtype}; editing quantized tensors is not supported yet")
+        if len({e.layout for e in edits}) != 1:
+            fail(f"the plan mixes layouts for tensor {name}; rerun `dvc repro plan`")
+    return grouped
+
+
+def producers(grouped: dict[str, list[Edit]]) -> dict:
+    """The producers of the edited tensors (see :func:`check` for ``grouped``); each distinct
+    vector of the plan is turned into a numpy array once."""
+    import numpy as np
+
+    arrays: dict[int, object] = {}
+
+    def as_array(values):
+        key = id(values)
+        if key not in arrays:
+            arrays[key] = np.asarray(values, dtype=np.float64)
+        return arrays[key]
+
+    return {name: producer(edits, as_array) for name, edits in grouped.items()}
+
+
+def ablate_shard(base: Path, plan: ShardPlan, out: Path, progress: Callable[[int], None] | None = None) -> int:
+    """Write ``out`` = ``base`` with the plan's edits applied; returns the number of tensors edited."""
+    from abliterate.formats.atomic import atomic_path
+    from abliterate.formats.safetensors_io import patch_copy
+
+    grouped = check(base, plan, out)  # every check before the first byte is written
+    with atomic_path(out) as tmp:
+        # The kernel starts copying the unedited bytes while numpy loads and the producers are built.
+        patch_copy(base, tmp, lambda: producers(grouped), progress, names=list(grouped))
+    return len(grouped)
