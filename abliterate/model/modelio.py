@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from abliterate.errors import fail
+from abliterate.errors import existing, fail
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -17,11 +17,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 def check_model_dir(path: str | Path) -> Path:
     """Return ``path`` if it is a Hugging Face folder with safetensors weights, else fail clearly."""
-    path = Path(path)
-    if not path.exists():
-        fail(f"model folder {path} does not exist; run `dvc repro base` or `abliterate use SOURCE`")
-    if not path.is_dir():
-        fail(f"{path} is not a folder; give a Hugging Face model folder (config.json + *.safetensors)")
+    path = existing(path, "folder", "model folder", "run `dvc repro base` or `abliterate use SOURCE`",
+                    "give a Hugging Face model folder (config.json + *.safetensors)")
     if not (path / "config.json").is_file():
         fail(f"{path} has no config.json, so it is not a Hugging Face model folder")
     if not any(path.glob("*.safetensors")):

@@ -14,7 +14,7 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from abliterate.errors import fail
+from abliterate.errors import existing, fail
 from abliterate.model.modelio import quiet_libraries
 
 GGUF_MAGIC = b"GGUF"
@@ -22,11 +22,8 @@ GGUF_MAGIC = b"GGUF"
 
 def check_gguf(gguf_file: str | Path) -> Path:
     """Return ``gguf_file`` if it exists and starts with the GGUF magic, else fail with one line."""
-    path = Path(gguf_file)
-    if not path.exists():
-        fail(f"GGUF file {path} does not exist; check the path given to `abliterate use`")
-    if not path.is_file():
-        fail(f"{path} is not a file; give the path of a .gguf file")
+    path = existing(gguf_file, "file", "GGUF file", "check the path given to `abliterate use`",
+                    "give the path of a .gguf file")
     try:
         with path.open("rb") as handle:
             magic = handle.read(4)
