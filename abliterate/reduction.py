@@ -93,7 +93,7 @@ def reduce_directions(harmful: Path, harmless: Path, winsorize: float = 1.0, ort
         "model": h_meta.get("model", ""),
         "model_config_sha256": h_meta.get("model_config_sha256", ""),
         "positions": h_meta.get("positions", ""),
-        "projected": "true" if orthogonalize else "false",
+        "orthogonalized": "true" if orthogonalize else "false",
         "winsorize": repr(float(winsorize)),
         "index_convention": h_meta.get("index_convention", INDEX_CONVENTION),
     }

@@ -16,7 +16,8 @@ import yaml
 def write_directions(path: Path, num_layers: int, hidden: int = 64, seed: int = 0) -> Path:
     """A directions file in reduce's layout: random means, direction = harmful - harmless."""
     import torch
-    from safetensors.torch import save_file
+
+    from abliterate.formats.directions import save_directions
 
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -32,7 +33,7 @@ def write_directions(path: Path, num_layers: int, hidden: int = 64, seed: int = 
     tensors["count.harmless"] = torch.tensor([8], dtype=torch.int64)
     meta = {"num_layers": str(num_layers), "hidden_size": str(hidden), "num_indices": str(num_layers + 1)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=meta)
+    save_directions({name: t.numpy() for name, t in tensors.items()}, meta, path)
     return path
 
 

@@ -175,11 +175,11 @@ def test_bad_inputs_are_refused_with_one_line(llama, tmp_path):
     zero = tmp_path / "zero.safetensors"
     tensors = load_file(str(write_directions(zero, 4)))
     tensors["unit.2"] = torch.zeros(64)
-    save_file(tensors, str(zero), metadata={"num_layers": "4", "hidden_size": "64", "num_indices": "5"})
+    save_file(tensors, str(zero), metadata={"num_layers": "4", "hidden_size": "64", "num_indices": "5", "format": "1"})
     cases.append(({"directions": zero, "layers": "1", "measurement": "2"}, "index 2 is zero"))
     nan = tmp_path / "nan.safetensors"
     tensors["unit.2"] = torch.full((64,), float("nan"))
-    save_file(tensors, str(nan), metadata={"num_layers": "4", "hidden_size": "64", "num_indices": "5"})
+    save_file(tensors, str(nan), metadata={"num_layers": "4", "hidden_size": "64", "num_indices": "5", "format": "1"})
     cases.append(({"directions": nan, "layers": "1", "measurement": "2"}, "NaN"))
     cases.append(({"layers": "1", "targets": "experts"}, "layer 1 has no tensor for targets experts"))
     cases.append(({"layers": "1", "targets": "embeddings,attention",

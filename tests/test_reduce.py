@@ -57,7 +57,7 @@ def test_means_and_directions_match_direct_fp64(captured, tmp_path):
     tensors, meta = load(out)
     harmful, harmless = direct_means(captured["harmful"]), direct_means(captured["harmless"])
     assert meta["num_layers"] == "3" and meta["num_indices"] == "4" and meta["hidden_size"] == str(tiny.HIDDEN)
-    assert meta["projected"] == "false" and meta["model"] == "Qwen2ForCausalLM" and "index_convention" in meta
+    assert meta["orthogonalized"] == "false" and meta["format"] == "1" and meta["model"] == "Qwen2ForCausalLM" and "index_convention" in meta
     assert int(tensors["count.harmful"].reshape(-1)[0]) == len(HARMFUL) * 2  # prompts x positions
     assert int(tensors["count.harmless"].reshape(-1)[0]) == len(HARMLESS) * 2
     for i in range(4):
@@ -78,7 +78,7 @@ def test_orthogonalized_unit_is_orthogonal_to_harmless_mean(captured, tmp_path):
     out = tmp_path / "d.safetensors"
     reduce(captured["harmful"], captured["harmless"], out, orthogonalize=True)
     tensors, meta = load(out)
-    assert meta["projected"] == "true"
+    assert meta["orthogonalized"] == "true"
     for i in range(1, 4):
         unit, mean = tensors[f"unit.{i}"].astype(np.float64), tensors[f"harmless_mean.{i}"].astype(np.float64)
         assert abs(np.linalg.norm(unit) - 1) < 1e-6
@@ -174,3 +174,27 @@ def test_export_refuse_bad_input(tmp_path, capsys):
     code, err = invoke(app, ["--directions", tmp_path / "none.safetensors", "--out", tmp_path / "x.refuse"], capsys)
     assert code == 2 and "does not exist" in error_line(err)
     assert tree(tmp_path) == []
+
+
+def test_files_of_another_format_version_are_one_line(captured, tmp_path, capsys):
+    """A file written by another version of capture or reduce is refused by name, not misread."""
+    import pyarrow.parquet as pq
+    from safetensors.numpy import load_file, save_file
+
+    table = pq.read_table(captured["harmful"])
+    meta = {k: v for k, v in table.schema.metadata.items() if k != b"format"}
+    pq.write_table(table.replace_schema_metadata(meta), tmp_path / "old.parquet")
+    _bad(capsys, tmp_path, ["--harmful", tmp_path / "old.parquet", "--harmless", captured["harmless"],
+                            "--out", tmp_path / "d.safetensors"], "not an activation file of format 1")
+    from abliterate.reduction import reduce
+
+    reduce(captured["harmful"], captured["harmless"], tmp_path / "d.safetensors")
+    _, metadata = load(tmp_path / "d.safetensors")
+    save_file(load_file(str(tmp_path / "d.safetensors")), str(tmp_path / "old.safetensors"),
+              metadata={k: v for k, v in metadata.items() if k != "format"})
+    from stages.score import app
+
+    code, err = invoke(app, ["--directions", tmp_path / "old.safetensors", "--metrics", tmp_path / "m.json",
+                             "--plot", tmp_path / "p.csv"], capsys)
+    assert code == 2 and "directions file of another version" in error_line(err)
+    assert not (tmp_path / "m.json").exists()

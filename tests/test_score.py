@@ -74,13 +74,13 @@ def planted(num_layers: int = 6, hidden: int = 16, best: int = 4) -> dict:
 
 
 def write_directions(path, directions: dict, num_layers: int) -> None:
-    from abliterate.formats.safetensors_io import write_safetensors as save_safetensors
+    from abliterate.formats.directions import save_directions
 
     tensors = {k: v.numpy() for k, v in directions.items()}
     tensors.update({f"unit.{i}": tensors[f"direction.{i}"] for i in range(num_layers + 1)})
     hidden = tensors["direction.0"].shape[0]
-    save_safetensors(tensors, {"num_layers": str(num_layers), "hidden_size": str(hidden),
-                               "num_indices": str(num_layers + 1)}, path)
+    save_directions(tensors, {"num_layers": str(num_layers), "hidden_size": str(hidden),
+                              "num_indices": str(num_layers + 1)}, path)
 
 
 def test_score_outputs(tmp_path, capsys):

@@ -4,7 +4,7 @@ One row per (prompt, position, residual index), sorted by index, then prompt, th
 row group mixes two indices: ``prompt: int32`` (0-based, in the order of the cleaned prompt set),
 ``position: int16`` (negative offset from the end of the prompt, -1 = last token), ``layer: int16``
 (the residual index), ``activation: fixed_size_list<float32>[hidden]``. The file metadata (str ->
-str) holds :data:`INDEX_CONVENTION`, the model, hidden size, layer count, dtype, positions and
+str) holds ``format`` (:data:`FORMAT`), :data:`INDEX_CONVENTION`, the model, hidden size, layer count, dtype, positions and
 the hashes of the chat template, system prompt and prompt file.
 
 :class:`ActivationWriter` appends each batch's rows to one scratch file per residual index beside
@@ -25,6 +25,7 @@ INDEX_CONVENTION = (
     "L = output of the last decoder layer before the final norm; L + 1 indices"
 )
 ROW_GROUP_BYTES = 1 << 27  # at most ~128 MB of activations per row group
+FORMAT = "1"  # metadata key ``format``
 
 
 class ActivationWriter:
@@ -80,7 +81,7 @@ class ActivationWriter:
                 ("layer", pa.int16()),
                 ("activation", pa.list_(pa.float32(), hidden)),
             ]
-        ).with_metadata({k.encode(): v.encode() for k, v in sorted(metadata.items())})
+        ).with_metadata({k.encode(): v.encode() for k, v in sorted({**metadata, "format": FORMAT}.items())})
         prompt_col = pa.array(np.repeat(np.arange(num_prompts, dtype=np.int32), npos))
         position_col = pa.array(np.tile(np.asarray(offsets, dtype=np.int16), num_prompts))
         group_rows = max(1, ROW_GROUP_BYTES // (hidden * 4))
@@ -124,6 +125,9 @@ def read_activations(path: str | Path) -> tuple[dict[str, str], int, int, Iterat
     except (pa.ArrowException, OSError) as exc:
         fail(f"{path} is not a readable parquet file ({exc}); rerun the capture stage")
     meta = {k.decode(): v.decode() for k, v in (handle.schema_arrow.metadata or {}).items()}
+    if meta.get("format") != FORMAT:
+        fail(f"{path} is not an activation file of format {FORMAT} (it says {meta.get('format')!r}); "
+             "rerun the capture stage")
     try:
         num_layers, hidden = int(meta["num_layers"]), int(meta["hidden_size"])
     except (KeyError, ValueError):

@@ -8,9 +8,9 @@ Tensors (fp32 unless noted), for every residual index ``i`` in ``0..L``:
   all zeros where there is none;
 * ``count.harmful``, ``count.harmless``: int64, one element: the vectors averaged per index.
 
-Metadata (str -> str): ``num_layers``, ``hidden_size``, ``num_indices``, ``model``,
-``model_config_sha256``, ``positions``, ``projected`` (``true`` when the unit directions were
-orthogonalized against the harmless means: reduce's ``orthogonalize``), ``winsorize``,
+Metadata (str -> str): ``format`` (:data:`FORMAT`), ``num_layers``, ``hidden_size``,
+``num_indices``, ``model``, ``model_config_sha256``, ``positions``, ``orthogonalized`` (``true``
+when the unit directions were made orthogonal to the harmless means), ``winsorize``,
 ``index_convention``. The file is written byte-stably (sorted names and metadata).
 """
 
@@ -20,12 +20,14 @@ from pathlib import Path
 
 from abliterate.errors import UserError, fail
 
+FORMAT = "1"  # metadata key ``format``
+
 
 def save_directions(tensors: dict, metadata: dict[str, str], path: str | Path) -> None:
     """Write the reduce tensors (numpy) and metadata, byte-stably and atomically."""
     from abliterate.formats.safetensors_io import write_safetensors
 
-    write_safetensors(tensors, metadata, path)
+    write_safetensors(tensors, {**metadata, "format": FORMAT}, path)
 
 
 def load_directions(path: str | Path) -> tuple[dict, dict[str, str]]:
@@ -44,6 +46,9 @@ def load_directions(path: str | Path) -> tuple[dict, dict[str, str]]:
         raise UserError(f"{path} is not a readable safetensors file ({exc}); rerun the reduce stage") from None
     if "num_indices" not in metadata or "direction.0" not in tensors:
         fail(f"{path} is not a directions file written by reduce (no num_indices / direction.0); rerun reduce")
+    if metadata.get("format") != FORMAT:
+        fail(f"{path} is a directions file of another version (format {metadata.get('format')!r}, this version "
+             f"reads {FORMAT}); rerun reduce")
     return tensors, metadata
 
 
