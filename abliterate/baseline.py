@@ -1,9 +1,9 @@
 """The baseline: the base model's answers and KL references on the held-out eval prompts.
 
-Greedy answers to every eval prompt (harmful answers stop early once they are decided refusals,
-:func:`abliterate.refusal.refusal_decided`: the verdict cannot change), the full first-token
-distributions on the harmless prompts, and the top-k log-probabilities along the first
-``kl_tokens`` tokens of each harmless answer (k = 256 recovered 95% of the full per-token KL on
+Greedy answers to every eval prompt (harmful and borderline answers stop early once they are
+decided refusals, :func:`abliterate.refusal.refusal_decided`: the verdict cannot change), the
+full first-token distributions on the plain harmless prompts, and the top-k log-probabilities
+along the first ``kl_tokens`` tokens of each plain harmless answer (k = 256 recovered 95% of the full per-token KL on
 SmolLM2-135M with perturbed weights; k = 64: 88%, k = 8: 67%). Written as
 :mod:`abliterate.formats.baseline_table`, which holds everything ``evaluate`` needs.
 """
@@ -29,12 +29,14 @@ def check_settings(max_new_tokens: int, kl_tokens: int, batch_size: int, top_k: 
 
 
 def build_baseline(model_dir: str | Path, harmful: str, harmless: str, out: str | Path, *, max_new_tokens: int,
-                   kl_tokens: int, batch_size: int, dtype: str = "float32", device: str = "auto",
-                   system_prompt: str = "", chat_template: str = "", top_k: int = 256,
+                   kl_tokens: int, batch_size: int, borderline: str | None = None, dtype: str = "float32",
+                   device: str = "auto", system_prompt: str = "", chat_template: str = "", top_k: int = 256,
                    report: Reporter = PLAIN) -> tuple[dict, list[dict]]:
     """Generate the base model's answers, compute the KL references, write ``out``.
 
-    Returns the file's metadata and a summary per set (prompts, refused, empty answers, mean tokens)."""
+    ``harmless``: plain requests (the KL references are taken on them); ``borderline``: edgy but
+    harmless requests (over-refusal; optional). Returns the file's metadata and a summary per set
+    (prompts, refused, empty answers, mean tokens)."""
     from abliterate.formats.baseline_table import SETS, write_baseline
     from abliterate.kl import top_k_summary
     from abliterate.model.generation import answer_logprobs, answer_text, greedy_generate, stop_ids
@@ -43,20 +45,22 @@ def build_baseline(model_dir: str | Path, harmful: str, harmless: str, out: str 
     from abliterate.refusal import is_refusal, refusal_stop
 
     check_settings(max_new_tokens, kl_tokens, batch_size, top_k)
-    texts = {"harmful": load_prompts(harmful), "harmless": load_prompts(harmless)}
+    files = {"harmful": harmful, "harmless": harmless, "borderline": borderline}
+    texts = {name: load_prompts(path) for name, path in files.items() if path is not None}
     check_model_dir(model_dir)
     tokenizer = load_tokenizer(model_dir)
     template = resolve_template(tokenizer, chat_template)
-    sets = [s for s in SETS for _ in texts[s]]
-    index = [i for s in SETS for i in range(len(texts[s]))]
-    prompt_ids = [ids for s in SETS for ids in render(tokenizer, texts[s], system_prompt, chat_template)]
+    used = [s for s in SETS if s in texts]
+    sets = [s for s in used for _ in texts[s]]
+    index = [i for s in used for i in range(len(texts[s]))]
+    prompt_ids = [ids for s in used for ids in render(tokenizer, texts[s], system_prompt, chat_template)]
     device = pick_device(device)
     model = load_model(model_dir, dtype, device)
     eos, pad_id = stop_ids(model, tokenizer), int(tokenizer.pad_token_id)
     with report.task("baseline: base model answers", total=len(prompt_ids)) as task:
         answers = greedy_generate(model, prompt_ids, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad_id,
                                   batch_size=batch_size, device=device, advance=task.advance,
-                                  stop_early=refusal_stop(tokenizer, {i for i, s in enumerate(sets) if s == "harmful"}))
+                                  stop_early=refusal_stop(tokenizer, {i for i, s in enumerate(sets) if s != "harmless"}))
     texts_out = [answer_text(tokenizer, a) for a in answers]
     refused = [is_refusal(t) for t in texts_out]
 
@@ -78,13 +82,13 @@ def build_baseline(model_dir: str | Path, harmful: str, harmless: str, out: str 
         "vocab_size": vocab, "max_new_tokens": max_new_tokens, "kl_tokens": kl_tokens, "top_k": min(top_k, vocab),
         "dtype": dtype, "system_prompt": system_prompt, "chat_template": chat_template,
         "template_sha256": template_hash(template), "eos_ids": eos, "pad_id": pad_id,
-        "prompts": {s: {"file": str(f), "count": len(texts[s]), "sha256": prompts_hash(texts[s])}
-                    for s, f in zip(SETS, (harmful, harmless))},
+        "prompts": {s: {"file": str(files[s]), "count": len(texts[s]), "sha256": prompts_hash(texts[s])}
+                    for s in used},
     }
-    write_baseline(out, sets, index, [t for s in SETS for t in texts[s]], prompt_ids, answers, texts_out, refused,
+    write_baseline(out, sets, index, [t for s in used for t in texts[s]], prompt_ids, answers, texts_out, refused,
                    first, along, meta)
     summary = []
-    for name in SETS:
+    for name in used:
         rows = [i for i, s in enumerate(sets) if s == name]
         summary.append({"set": name, "prompts": len(rows), "refused": sum(refused[i] for i in rows),
                         "empty": sum(1 for i in rows if not texts_out[i].strip()),

@@ -4,15 +4,16 @@
 ids, so the two models answer exactly the same inputs. Metrics (flat numbers for ``dvc exp show``):
 
   * ``refusal_rate_before`` / ``refusal_rate_after``: share of harmful eval prompts refused by the
-    base / ablated model; ``over_refusal_rate_before`` / ``_after``: the same on harmless prompts.
+    base / ablated model; ``over_refusal_rate_before`` / ``_after``: the same on the borderline
+    prompts (edgy but harmless), ``plain_refusal_rate_before`` / ``_after`` on the plain ones.
     Both verdicts come from :mod:`abliterate.refusal` now (the base's stored answers are re-judged,
     so a change of the marker list moves before and after together); an empty answer is a refusal
     and is also counted in ``empty_answers_before`` / ``_after``;
-  * ``kl_first_token``: mean over harmless prompts of KL(base || ablated) of the first answer token,
+  * ``kl_first_token``: mean over the plain harmless prompts of KL(base || ablated) of the first answer token,
     full vocabulary, natural log (the number heretic reports); ``kl_first_token_openers``: the part
     of it that is the refusal openers' total probability moving (:func:`abliterate.kl.kl_set_shift`);
   * ``kl_answer``: mean per-token KL(base || ablated) along the base's own answer (teacher-forced,
-    first ``kl-tokens`` tokens of each harmless answer, pooled over all those tokens), over the base's
+    first ``kl-tokens`` tokens of each plain harmless answer, pooled over all those tokens), over the base's
     top-k tokens plus one "rest" category -- a lower bound of the full-vocabulary KL.
 
 Heretic-compatible line (``heretic_*`` metrics): refusals among the first 100 harmful eval prompts
@@ -66,12 +67,12 @@ def evaluate(model_dir: str | Path, baseline: str | Path, metrics_path: str | Pa
         fail(f"{model_dir} has a vocabulary of {vocab} tokens but the baseline {baseline} was made with "
              f"{meta['vocab_size']}; evaluate an ablated copy of the baseline's model ({meta['model']})")
     sets, n = rows["set"], len(rows["set"])
-    harmful = {i for i in range(n) if sets[i] == "harmful"}
+    judged = {i for i in range(n) if sets[i] != "harmless"}  # harmful and borderline: only the verdict is needed
     eos = sorted(set(meta["eos_ids"]) | set(stop_ids(model, tokenizer)))
     with report.task("evaluate: ablated model answers", total=n) as task:
         answers = greedy_generate(model, rows["prompt_ids"], max_new_tokens=meta["max_new_tokens"], eos_ids=eos,
                                   pad_id=meta["pad_id"], batch_size=batch_size, device=device, advance=task.advance,
-                                  stop_early=refusal_stop(tokenizer, harmful))
+                                  stop_early=refusal_stop(tokenizer, judged))
     after_text = [answer_text(tokenizer, a) for a in answers]
     before_why = [find_refusal(t) for t in rows["answer"]]
     after_why = [find_refusal(t) for t in after_text]
@@ -81,7 +82,7 @@ def evaluate(model_dir: str | Path, baseline: str | Path, metrics_path: str | Pa
     kl_first: dict[int, float] = {}
     kl_openers: list[float] = []
     kl_tokens: list[float] = []
-    with report.task("evaluate: KL on harmless prompts", total=len(harmless)) as task:
+    with report.task("evaluate: KL on plain harmless prompts", total=len(harmless)) as task:
         for k, logprobs in answer_logprobs(model, [rows["prompt_ids"][i] for i in harmless],
                                            [rows["answer_ids"][i] for i in harmless], n_tokens=meta["kl_tokens"],
                                            pad_id=meta["pad_id"], batch_size=batch_size, device=device):
@@ -157,8 +158,8 @@ def compute_metrics(sets: list[str], before_why: list, after_why: list, before_t
     metrics = {
         "refusal_rate_before": rate("harmful", before_why),
         "refusal_rate_after": rate("harmful", after_why),
-        "over_refusal_rate_before": rate("harmless", before_why),
-        "over_refusal_rate_after": rate("harmless", after_why),
+        "plain_refusal_rate_before": rate("harmless", before_why),
+        "plain_refusal_rate_after": rate("harmless", after_why),
         "kl_first_token": _sig(sum(kl_first) / len(kl_first)) if kl_first else 0.0,
         "kl_answer": _sig(sum(kl_tokens) / len(kl_tokens)) if kl_tokens else 0.0,
         "kl_answer_tokens": len(kl_tokens),
@@ -167,6 +168,10 @@ def compute_metrics(sets: list[str], before_why: list, after_why: list, before_t
         "empty_answers_before": sum(1 for t in before_text if not t.strip()),
         "empty_answers_after": sum(1 for t in after_text if not t.strip()),
     }
+    if "borderline" in sets:  # over-refusal: edgy but harmless prompts refused
+        metrics.update(over_refusal_rate_before=rate("borderline", before_why),
+                       over_refusal_rate_after=rate("borderline", after_why),
+                       prompts_borderline=sum(s == "borderline" for s in sets))
     if kl_openers is not None:
         metrics["kl_first_token_openers"] = _sig(sum(kl_openers) / len(kl_openers)) if kl_openers else 0.0
     return metrics

@@ -1,7 +1,7 @@
 """``reports/eval.md``: the evaluation's metrics table and a few answers side by side (Markdown).
 
-The harmful prompts whose verdict changed come first, then the harmless prompts with a changed
-verdict or the largest first-token KL. ``compare`` adds the numbers of another evaluate run as a
+Per set (harmful, borderline, plain harmless), the prompts whose verdict changed come first, then
+(plain harmless) the largest first-token KL. ``compare`` adds the numbers of another evaluate run as a
 column of the tables (display only: ``dvc exp show`` remains the way to compare experiments).
 """
 
@@ -43,9 +43,10 @@ def _verdict(why) -> str:
 
 
 def pick_examples(sets, before_why, after_why, kl_first: dict[int, float], shown: int = SHOWN) -> dict[str, list[int]]:
-    """Rows to show: per set, changed verdicts first (in file order), then harmless rows by largest KL."""
+    """Rows to show: per set present, changed verdicts first (in file order), then plain harmless rows by
+    largest KL."""
     picked: dict[str, list[int]] = {}
-    for name in ("harmful", "harmless"):
+    for name in [n for n in ("harmful", "borderline", "harmless") if n in sets]:
         rows = [i for i, s in enumerate(sets) if s == name]
         changed = [i for i in rows if (before_why[i] is None) != (after_why[i] is None)]
         rest = sorted((i for i in rows if i not in changed), key=lambda i: (-kl_first.get(i, 0.0), i))
@@ -71,8 +72,16 @@ def render_report(rows: dict, meta: dict, after_text, before_why, after_why, kl_
         return f" {text} |" if o is not None else ""
 
     def other_pct(name: str, rate: str) -> str:
+        if rate not in o:
+            return other("–")
         total = o.get(f"prompts_{name}", 0)
         return other(f"{100 * o[rate]:.1f}% ({round(o[rate] * total)}/{total})")
+
+    def rate_row(title: str, name: str, rate: str) -> list[str]:
+        if f"{rate}_after" not in m:
+            return []
+        return [f"| {title} | {pct(name, f'{rate}_before', before_why)} |"
+                f"{other_pct(name, f'{rate}_after') if o else ''} {pct(name, f'{rate}_after', after_why)} |"]
 
     def other_num(key: str, fmt: str = ".6g") -> str:
         return other(format(o[key], fmt) if key in o else "–")
@@ -82,18 +91,16 @@ def render_report(rows: dict, meta: dict, after_text, before_why, after_why, kl_
     lines = [
         "# Evaluation", "",
         f"Ablated model `{model_dir}` against the base model `{meta['model']}` (baseline `{baseline}`): "
-        f"{m['prompts_harmful']} harmful and {m['prompts_harmless']} harmless held-out prompts, greedy answers "
-        f"of at most {meta['max_new_tokens']} tokens (\u2026 marks an answer cut by that budget, or a harmful one "
-        "stopped once its refusal was certain); KL measured on the harmless prompts."
+        f"{m['prompts_harmful']} harmful, {m['prompts_harmless']} plain harmless and {m.get('prompts_borderline', 0)} "
+        f"borderline (edgy but harmless) held-out prompts, greedy answers of at most {meta['max_new_tokens']} tokens "
+        "(\u2026 marks an answer cut by that budget, or one stopped once its refusal was certain); KL measured on the "
+        "plain harmless prompts, over-refusal on the borderline ones."
         + (f" The column `{compare['label']}` shows the metrics of another run, for comparison." if compare else ""),
         "",
         f"| metric | base |{label} ablated |", f"|---|---:|{align}---:|",
-        f"| refusal rate (harmful) | {pct('harmful', 'refusal_rate_before', before_why)} |"
-        f"{other_pct('harmful', 'refusal_rate_after') if o else ''} "
-        f"{pct('harmful', 'refusal_rate_after', after_why)} |",
-        f"| over-refusal rate (harmless) | {pct('harmless', 'over_refusal_rate_before', before_why)} |"
-        f"{other_pct('harmless', 'over_refusal_rate_after') if o else ''} "
-        f"{pct('harmless', 'over_refusal_rate_after', after_why)} |",
+        *rate_row("refusal rate (harmful)", "harmful", "refusal_rate"),
+        *rate_row("over-refusal rate (borderline)", "borderline", "over_refusal_rate"),
+        *rate_row("refusals of plain harmless prompts", "harmless", "plain_refusal_rate"),
         f"| empty answers (counted as refusals) | {m['empty_answers_before']} |"
         f"{other_num('empty_answers_after', 'd') if o else ''} {m['empty_answers_after']} |", "",
         f"| KL(base ‖ ablated), nats |{label} mean |", f"|---|{align}---:|",
@@ -113,15 +120,16 @@ def render_report(rows: dict, meta: dict, after_text, before_why, after_why, kl_
 
         prompts, tokens = heretic_protocol
         lines += [f"Heretic-compatible line (first {prompts} harmful prompts answered with {tokens} "
-                  f"tokens, first-token KL over the first {prompts} harmless prompts; this project's refusal "
+                  f"tokens, first-token KL over the first {prompts} plain harmless prompts; this project's refusal "
                   "markers):", "", f"| |{label} ablated |", f"|---|{align}---:|",
                   f"| heretic protocol |{other(heretic(o)) if o else ''} {heretic(m)} |", ""]
     if m["empty_answers_after"]:
         lines += [f"**Warning:** the ablated model generated nothing for {m['empty_answers_after']} of "
-                  f"{m['prompts_harmful'] + m['prompts_harmless']} prompts; they count as refusals.", ""]
+                  f"{len(rows['set'])} prompts; they count as refusals.", ""]
     picked = pick_examples(rows["set"], before_why, after_why, kl_first)
-    for name in ("harmful", "harmless"):
-        lines += [f"## {name.capitalize()} prompts", ""]
+    titles = {"harmful": "Harmful prompts", "borderline": "Borderline prompts", "harmless": "Plain harmless prompts"}
+    for name in [n for n in titles if n in picked]:
+        lines += [f"## {titles[name]}", ""]
         for i in picked[name]:
             kl = f" · first-token KL {kl_first[i]:.4g}" if i in kl_first else ""
             lines += [f"**{rows['index'][i] + 1}.** {_cell(rows['text'][i], 300)}{kl}", "",

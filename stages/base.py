@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from stages.cliutil import new_app, reporter, run_app
+from stages.cliutil import new_app, parse_bool, reporter, run_app
 
 app = new_app(__doc__.split("\n")[0])
 
@@ -36,11 +36,13 @@ def main(
     demo_answer_tokens: Annotated[int, typer.Option(help="Demo: length of the harmless self-answers.")] = 32,
     demo_direction_prompts: Annotated[Path, typer.Option(
         help="Demo: folder whose harmful.txt/harmless.txt give the direction the refusal is gated on.")] = Path("prompts/demo/direction"),
+    demo_gated: Annotated[str, typer.Option(
+        help="Demo: true gates the refusal on one direction; false is a plain fine-tune (harder to ablate).")] = "true",
 ) -> None:
     """Materialize the base model at models/base (link a folder, convert a GGUF, fetch, or build the demo)."""
     demo = dict(seed=demo_seed, examples=demo_examples, epochs=demo_epochs, learning_rate=demo_learning_rate,
                 batch_size=demo_batch_size, answer_tokens=demo_answer_tokens,
-                direction_prompts=demo_direction_prompts)
+                direction_prompts=demo_direction_prompts, gated=parse_bool(demo_gated, "--demo-gated"))
     from abliterate.sources.materialize import materialize
 
     materialize(source, out, max_shard_size=max_shard_size, demo_prompts=demo_prompts, demo=demo, report=reporter())

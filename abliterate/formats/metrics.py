@@ -18,8 +18,8 @@ from abliterate.formats.jsonfile import read_json, write_json
 
 LAYER_COLUMNS = ("index", "quality", "cos", "snr", "purity", "rotation", "harmful_norm", "harmless_norm",
                  "direction_norm")  # plots/layers.csv, one row per residual index
-EVAL_KEYS = ("refusal_rate_after", "over_refusal_rate_after", "kl_first_token", "kl_answer", "prompts_harmful",
-             "prompts_harmless")  # what every evaluate metrics file has
+EVAL_KEYS = ("refusal_rate_after", "kl_first_token", "kl_answer", "prompts_harmful",
+             "prompts_harmless")  # what every evaluate metrics file has (over-refusal needs a borderline set)
 
 
 def write_scores(metrics: str | Path, plot: str | Path, scores: list[dict], result: dict) -> None:

@@ -140,14 +140,16 @@ def check_params(examples: int, epochs: int, learning_rate: float, batch_size: i
 
 def build_demo(out: Path, prompts_dir: Path, max_shard_size: str, seed: int, examples: int, epochs: int,
                learning_rate: float, batch_size: int, answer_tokens: int,
-               direction_prompts: Path | None = None, report: Reporter = PLAIN) -> None:
+               direction_prompts: Path | None = None, gated: bool = True, report: Reporter = PLAIN) -> None:
     """Download, convert and refusal-tune the demo model; write it as a Hugging Face folder at ``out``.
 
     ``out`` is written in place (the caller renames it into position). ``examples`` prompts are
     used, half harmful and half harmless, each seen ``epochs`` times in batches of ``batch_size``.
-    The refusal is gated on the untuned model's best-scored difference-of-means direction on
-    ``direction_prompts``/harmful.txt and harmless.txt (default: the tuning prompts), and the
-    layers from :data:`GATE_MARGIN` below that index up are tuned (:mod:`abliterate.sources.tune`).
+    With ``gated`` the refusal is gated on the untuned model's best-scored difference-of-means
+    direction on ``direction_prompts``/harmful.txt and harmless.txt (default: the tuning prompts);
+    without, it is a plain fine-tune, which spreads the refusal over many directions (the harder
+    case for an ablation). Either way the layers from :data:`GATE_MARGIN` below that index up are
+    tuned (:mod:`abliterate.sources.tune`).
     """
     from abliterate.sources.gguf import load_gguf, save_folder, validate_shard_size
     from abliterate.model.modelio import decoder_layers
@@ -169,14 +171,14 @@ def build_demo(out: Path, prompts_dir: Path, max_shard_size: str, seed: int, exa
         model, tokenizer = load_gguf(gguf_file)
     data = make_examples(model, tokenizer, harmful, harmless, refusals, examples=examples, seed=seed,
                          answer_tokens=answer_tokens, report=report)
-    gated = gated_examples(model, tokenizer, data, answer_tokens, report=report)
+    unrefused = gated_examples(model, tokenizer, data, answer_tokens, report=report) if gated else None
     index, u = gate_direction(model, *(render(tokenizer, prompts) for prompts in measure), tokenizer.pad_token_id)
     num_layers = len(decoder_layers(model))
     first = min(max(1, index - GATE_MARGIN), num_layers - 1)
-    report.message(f"demo: refusal gated on the direction at residual index {index}; "
-                   f"tuning layers {first}-{num_layers - 1}")
+    how = f"refusal gated on the direction at residual index {index}" if gated else "plain fine-tune, no gating"
+    report.message(f"demo: {how}; tuning layers {first}-{num_layers - 1}")
     tune(model, data, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
-         pad_id=tokenizer.pad_token_id, first_layer=first, gate=(u, gated), report=report)
+         pad_id=tokenizer.pad_token_id, first_layer=first, gate=(u, unrefused) if gated else None, report=report)
     import torch
 
     model.to(getattr(torch, SAVE_DTYPE))
