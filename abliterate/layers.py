@@ -3,8 +3,10 @@
 ``ablate.layers``: ``auto`` | ``8-20`` | ``3,5,8-12`` | ``12`` (decoder layers, inclusive ranges);
 ``auto`` takes the contiguous run of residual indices around the best-scored one whose quality is
 at least ``ablate.auto-fraction`` of the best, and edits every layer touching it (writing into it
-or reading from it). ``ablate.measurement``: ``auto`` (the best-scored index) or a residual index
-``0..L``. Overrides are a YAML list in llm-abliteration's shape ``- {layer, measurement, scale,
+or reading from it). ``ablate.measurement``: ``auto`` (the best-scored index), a residual index
+``0..L``, or ``per-layer``: each edited layer ``k`` removes the direction measured at index
+``k + 1``, the residual stream it writes into (the refusal direction rotates from layer to layer;
+removing each layer's own keeps up with it). Overrides are a YAML list in llm-abliteration's shape ``- {layer, measurement, scale,
 sparsity}``; measurement defaults to the default measurement, scale to 1.0, sparsity to 0.0.
 Entries replace the defaults of their layer (several entries for one layer are applied in
 order) and add layers not in the list.
@@ -16,6 +18,8 @@ from pathlib import Path
 
 from abliterate.errors import fail
 from abliterate.records import LayerEdit
+
+PER_LAYER = "per-layer"  # ablate.measurement: each layer k removes the direction measured at k + 1
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int] | None:
@@ -45,14 +49,17 @@ def parse_layers(spec: str, num_layers: int) -> list[int] | None:
     return sorted(layers)
 
 
-def parse_index(spec, num_indices: int, what: str) -> int | None:
-    """``auto`` -> None; else a residual index in ``0..L``."""
+def parse_index(spec, num_indices: int, what: str, per_layer: bool = False) -> int | str | None:
+    """``auto`` -> None; ``per-layer`` (where allowed) -> :data:`PER_LAYER`; else a residual index in ``0..L``."""
     if spec is None or str(spec).strip().lower() == "auto":
         return None
+    if per_layer and str(spec).strip().lower() == PER_LAYER:
+        return PER_LAYER
     try:
         value = int(str(spec).strip())
     except ValueError:
-        fail(f"{what} must be auto or a residual index 0..{num_indices - 1}, got {spec!r}")
+        choices = "auto, per-layer" if per_layer else "auto"
+        fail(f"{what} must be {choices} or a residual index 0..{num_indices - 1}, got {spec!r}")
     if not 0 <= value < num_indices:
         fail(f"{what} {value} is out of range: residual indices are 0..{num_indices - 1}")
     return value
@@ -85,15 +92,23 @@ def load_overrides(spec: str) -> list[dict]:
     return node
 
 
-def resolve_layer_edits(layers: list[int], measurement: int | float, scale: float, sparsity: float,
+def measured_at(measurement: int | float | str, layer: int) -> int | float:
+    """The residual index whose direction ``layer`` removes: the global ``measurement``, or with
+    :data:`PER_LAYER` the index ``layer + 1`` (the residual stream that layer writes into)."""
+    return layer + 1 if measurement == PER_LAYER else measurement
+
+
+def resolve_layer_edits(layers: list[int], measurement: int | float | str, scale: float, sparsity: float,
                         overrides: list[dict], num_layers: int,
                         base_edits: list[LayerEdit] | None = None) -> list[LayerEdit]:
     """Per-layer settings: defaults for ``layers`` (or ``base_edits``, e.g. a searched trial's),
-    replaced or extended by ``overrides``."""
+    replaced or extended by ``overrides``; an entry without a measurement takes the default one
+    (its own ``layer + 1`` with :data:`PER_LAYER`)."""
     num_indices = num_layers + 1
     if not 0.0 <= sparsity < 1.0:
         fail(f"ablate.sparsity must be in [0, 1), got {sparsity}")
-    by_layer: dict[int, list[LayerEdit]] = {k: [LayerEdit(k, measurement, float(scale), float(sparsity))] for k in layers}
+    by_layer: dict[int, list[LayerEdit]] = {
+        k: [LayerEdit(k, measured_at(measurement, k), float(scale), float(sparsity))] for k in layers}
     if base_edits is not None:
         by_layer = {}
         for edit in base_edits:
@@ -117,7 +132,7 @@ def resolve_layer_edits(layers: list[int], measurement: int | float, scale: floa
             fail(f"{where}: sparsity must be in [0, 1)")
         if layer not in replaced:
             by_layer[layer], replaced = [], replaced | {layer}
-        by_layer[layer].append(LayerEdit(layer, measurement if m is None else m, s, sp))
+        by_layer[layer].append(LayerEdit(layer, measured_at(measurement, layer) if m is None else m, s, sp))
     return [e for k in sorted(by_layer) for e in by_layer[k]]
 
 

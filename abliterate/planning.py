@@ -31,14 +31,15 @@ class Plan:
 
 
 def plan(model: Path, shards_file: Path, directions: Path, scores: Path | None, out: Path, *, layers: str = "auto",
-         measurement: str = "auto", scale: float = 1.0, options: AblationOptions = AblationOptions(),
+         measurement: str = "per-layer", scale: float = 3.0, options: AblationOptions = AblationOptions(),
          auto_fraction: float = 0.5, overrides_from: str = "", search: Path | None = None) -> Plan:
     """Resolve the settings, build every shard's edits and write ``out/<key>.json`` and the settings."""
     from abliterate.edits import build_edits
     from abliterate.formats.directions import check_indices, load_directions
     from abliterate.formats.model_yaml import read_shards
     from abliterate.formats.plans import FORMAT, shard_documents, write_plan_dir
-    from abliterate.layers import default_layers, load_overrides, parse_index, parse_layers, resolve_layer_edits
+    from abliterate.layers import PER_LAYER, default_layers, load_overrides, parse_index, parse_layers
+    from abliterate.layers import resolve_layer_edits
     from abliterate.model.modelio import check_model_dir, read_config, text_config, weight_map
 
     check_model_dir(model)
@@ -59,17 +60,18 @@ def plan(model: Path, shards_file: Path, directions: Path, scores: Path | None, 
 
         searched = read_chosen(search, sha256_file(directions), num_layers, options)
     layer_list = [] if searched is not None else parse_layers(layers, num_layers)
-    m = parse_index(measurement, num_indices, "ablate.measurement")
+    m = parse_index(measurement, num_indices, "ablate.measurement", per_layer=True)
     if searched is not None and m is None:
         m = searched["measurement"]
-    if layer_list is None or m is None:
+    embeddings_m = m  # the embeddings write into index 0, which has no direction of its own: per-layer takes the best
+    if layer_list is None or m is None or (m == PER_LAYER and "embeddings" in options.targets):
         auto_list, best = default_layers(scores, tensors, auto_fraction, num_layers)
-        m = best if m is None else m
+        m, embeddings_m = (best, best) if m is None else (m, best if m == PER_LAYER else m)
         layer_list = auto_list if layer_list is None else layer_list
     layer_edits = resolve_layer_edits(layer_list, m, scale, options.sparsity, load_overrides(overrides_from),
                                       num_layers, base_edits=None if searched is None else searched["edits"])
     edits, arch = build_edits(model, names, config, tensors, layer_edits, options,
-                              default=LayerEdit(-1, m, float(scale), float(options.sparsity)))
+                              default=LayerEdit(-1, embeddings_m, float(scale), float(options.sparsity)))
     documents = shard_documents(edits, shards, int(config["hidden_size"]))
     settings = {
         "format": FORMAT, "architecture": arch, "model_type": config.get("model_type"), "num_layers": num_layers,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
-DEFAULT_TARGETS = ("attention", "mlp", "experts", "shared-experts")
+DEFAULT_TARGETS = ("attention",)
 
 
 @dataclass(frozen=True)

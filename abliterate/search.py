@@ -12,9 +12,8 @@ are not answered. At the end the ``confirm_top`` best trials within the budget a
 real answers (``confirm_tokens``) to more harmful prompts (``confirm_prompts``, the last ones of
 the file, the validation ones among them); the chosen trial has the fewest confirmed refusals
 (then the lowest KL). The first trial is the default ablation (what ``plan`` does with ``layers:
-auto``, ``measurement: auto`` and scale 1, read from the layer scores; ``ablate.scale`` is left
-out, so that trying scales never reruns a search); ``kl_budget`` ``auto`` makes its KL the
-budget, so the chosen trial refuses least among the trials that do no more damage than the
+auto`` and the pipeline's measurement and scale, read from the layer scores); ``kl_budget``
+``auto`` makes its KL the budget, so the chosen trial refuses least among the trials that do no more damage than the
 default, and is the default itself if none beats it.
 
 The study journal (``journal_dir``, outside the DVC outputs) is keyed by a hash of everything
@@ -65,12 +64,14 @@ def run_search(model_dir: Path, directions: Path, harmful: str, harmless: str, o
                validation: int = 32, proxy_tokens: int = 8, confirm_prompts: int = 96, confirm_tokens: int = 12,
                confirm_top: int = 4, startup_trials: int = 20, batch_size: int = 32,
                dtype: str = "float32", device: str = "auto", threads: int = 2,
-               options: AblationOptions = AblationOptions(), auto_fraction: float = 0.5, system_prompt: str = "",
+               options: AblationOptions = AblationOptions(), auto_fraction: float = 0.5,
+               measurement: str = "per-layer", scale: float = 3.0, system_prompt: str = "",
                chat_template: str = "", journal_dir: str = ".dvc/tmp/search", report: Reporter = PLAIN) -> dict:
     """Run the study (or record that none ran) and write ``out`` and ``plot``; return the document.
 
-    ``scores`` (score's ``metrics/layers.json``) and ``auto_fraction`` give the default ablation
-    (scale 1), the first trial; without ``scores`` there is none and ``kl_budget`` must be a number."""
+    ``scores`` (score's ``metrics/layers.json``), ``auto_fraction``, ``measurement`` and ``scale``
+    give the default ablation (``layers: auto``), the first trial; without ``scores`` there is none
+    and ``kl_budget`` must be a number."""
     from abliterate.formats.search_result import FORMAT, skipped, write_search
 
     budget = parse_budget(kl_budget)
@@ -93,7 +94,8 @@ def run_search(model_dir: Path, directions: Path, harmful: str, harmless: str, o
     from abliterate.model.study import Study
 
     study = Study(model_dir, directions, harmful, harmless, seed=seed, kl_budget=budget,
-                  default={"scores": scores, "auto_fraction": auto_fraction}, validation=validation,
+                  default={"scores": scores, "auto_fraction": auto_fraction, "measurement": measurement,
+                           "scale": scale}, validation=validation,
                   confirm_prompts=confirm_prompts, proxy_tokens=proxy_tokens, startup_trials=startup_trials,
                   batch_size=batch_size, dtype=dtype, device=device, threads=threads, options=options,
                   system_prompt=system_prompt, chat_template=chat_template, journal_dir=journal_dir, report=report)

@@ -1,6 +1,6 @@
 """The search space of the ``search`` stage: a measurement and one layer kernel per component.
 
-With ``L`` decoder layers (residual indices ``0..L``), a trial has nine numbers:
+With ``L`` decoder layers (residual indices ``0..L``), a trial has nine numbers and two choices:
 
 * ``measurement`` in ``[0.2 L, 0.9 L]`` (at least 1): the residual index whose direction is removed; a
   fractional index interpolates the unit directions of the two indices around it (then
@@ -9,10 +9,15 @@ With ``L`` decoder layers (residual indices ``0..L``), a trial has nine numbers:
   writers ``down_proj``, experts and shared experts), a linear tent over the layers:
   ``{c}_peak`` in ``[0.2, 1.0] (L - 1)`` (the layer with the largest weight), ``{c}_width`` in
   ``[1, 0.6 (L - 1)]`` (how far the tent reaches), ``{c}_weight`` (the scale at the peak; attention
-  ``[0.5, 1.5]``, MLP ``[-0.25, 1.5]`` clamped at 0 so the search can switch the MLP edit off) and
+  ``[0.5, 3.5]``, MLP ``[-0.25, 1.5]`` clamped at 0 so the search can switch the MLP edit off) and
   ``{c}_edge`` in ``[0, 1]`` (the weight at the tent's edge, as a fraction of the peak weight).
   Layer ``k`` at distance ``d = |k - peak| <= width`` gets scale ``weight (1 - (d / width)(1 - edge))``;
-  layers beyond the width are not edited.
+  layers beyond the width are not edited;
+* per component, ``{c}_scope``: ``global`` (every layer removes the direction at ``measurement``)
+  or ``per-layer`` (layer ``k`` removes the direction at ``k + 1``, the residual it writes into).
+  Measured on both demo models, per-layer attention edits with a scale well above 1 removed far
+  more refusals per unit of KL than any global direction, and MLP edits added KL without removing
+  refusals (README, "Choosing the default"); the search may find otherwise on another model.
 
 There is no separate global scale: it would only multiply both peak weights, which the search
 already sets freely. The kernel shape follows heretic's published parameterization; the ranges are
@@ -23,9 +28,10 @@ from __future__ import annotations
 
 from abliterate.records import LayerEdit
 
-VERSION = 2  # bump when the space or the kernel changes: old study journals no longer apply
+VERSION = 3  # bump when the space or the kernel changes: old study journals no longer apply
 COMPONENTS = {"attention": ("attention",), "mlp": ("mlp", "experts", "shared-experts")}
-WEIGHT_RANGE = {"attention": (0.5, 1.5), "mlp": (-0.25, 1.5)}
+WEIGHT_RANGE = {"attention": (0.5, 3.5), "mlp": (-0.25, 1.5)}
+SCOPES = ("global", "per-layer")
 SEARCHABLE = {role for roles in COMPONENTS.values() for role in roles}
 
 
@@ -42,24 +48,29 @@ def ranges(num_layers: int) -> dict[str, tuple[float, float]]:
     return space
 
 
-def suggest(trial, num_layers: int) -> dict[str, float]:
+def suggest(trial, num_layers: int) -> dict[str, float | str]:
     """Ask an Optuna trial for one point of the space (names sorted, so the order is fixed)."""
-    space = sorted(ranges(num_layers).items())
-    return {name: float(trial.suggest_float(name, low, high)) for name, (low, high) in space}
+    point: dict[str, float | str] = {name: float(trial.suggest_float(name, low, high))
+                                     for name, (low, high) in sorted(ranges(num_layers).items())}
+    for c in COMPONENTS:
+        point[f"{c}_scope"] = trial.suggest_categorical(f"{c}_scope", SCOPES)
+    return dict(sorted(point.items()))
 
 
-def start_point(layers: list[int], measurement: float, scale: float, num_layers: int) -> dict[str, float]:
+def start_point(layers: list[int], measurement: float, scale: float, num_layers: int,
+                scope: str = "global") -> dict[str, float | str]:
     """The point of the space that is the default ablation: ``scale`` on ``layers`` (contiguous) for both components.
 
     A flat tent (edge 1) centred on the range, reaching its ends. Values outside the space are
     clamped to it (then the point only approximates the default; :func:`layer_scales` tells which)."""
     space = ranges(num_layers)
     low, high = min(layers), max(layers)
-    point = {"measurement": float(measurement)}
+    point: dict[str, float | str] = {"measurement": float(measurement)}
     for c in COMPONENTS:
         point.update({f"{c}_peak": (low + high) / 2, f"{c}_width": max((high - low) / 2, 1.0),
                       f"{c}_weight": float(scale), f"{c}_edge": 1.0 if high > low else 0.0})
-    return {k: min(max(v, space[k][0]), space[k][1]) for k, v in sorted(point.items())}
+    clamped = {k: min(max(v, space[k][0]), space[k][1]) for k, v in point.items()}
+    return dict(sorted({**clamped, **{f"{c}_scope": scope for c in COMPONENTS}}.items()))
 
 
 def component_roles(targets) -> dict[str, tuple[str, ...]]:
@@ -97,9 +108,10 @@ def kernel(params: dict[str, float], num_layers: int, sparsity: float, roles: di
     m = float(params["measurement"])
     edits = []
     for component, kept in roles.items():
+        per_layer = params.get(f"{component}_scope", "global") == "per-layer"
         for k, scale in layer_scales(params, component, num_layers).items():
             if k in layers_with.get(component, set()):
-                edits.append(LayerEdit(k, m, float(scale), float(sparsity), kept))
+                edits.append(LayerEdit(k, k + 1 if per_layer else m, float(scale), float(sparsity), kept))
     order = list(COMPONENTS)
     return sorted(edits, key=lambda e: (e.layer, order.index(next(c for c, r in roles.items() if r == e.roles))))
 

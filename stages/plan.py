@@ -63,13 +63,15 @@ def main(
                                         "inclusive); auto: every layer touching the run of residual indices around "
                                         "the best one with quality >= auto-fraction x best; search: the trial the "
                                         "search stage chose (--search).")] = "auto",
-    measurement: Annotated[str, typer.Option(help="auto (best scored) or a residual index 0..L.")] = "auto",
-    scale: Annotated[float, typer.Option(help="1 removes, 0 keeps, negative adds the direction back.")] = 1.0,
+    measurement: Annotated[str, typer.Option(help="auto (best scored), a residual index 0..L, or per-layer "
+                                             "(layer k removes the direction at index k+1).")] = "per-layer",
+    scale: Annotated[float, typer.Option(help="1 removes, 0 keeps, above 1 pushes against it, negative adds it "
+                                        "back.")] = 3.0,
     norm_preserve: Annotated[str, typer.Option(help="true: keep every written column's norm.")] = "true",
     projected: Annotated[str, typer.Option(help="true: biprojection against harmless means at m and k+1.")] = "false",
     sparsity: Annotated[float, typer.Option(help="Fraction of the smallest direction components zeroed.")] = 0.0,
     targets: Annotated[str, typer.Option(help="Comma list of attention, mlp, experts, shared-experts, router, "
-                                         "embeddings.")] = "attention,mlp,experts,shared-experts",
+                                         "embeddings.")] = "attention",
     auto_fraction: Annotated[float, typer.Option(help="layers auto: quality >= this fraction of the best.")] = 0.5,
     overrides_from: Annotated[str, typer.Option(help="FILE:KEY (dotted key) of a YAML list in llm-abliteration's "
                                                 "shape - {layer, measurement, scale, sparsity} (defaults: "

@@ -26,13 +26,13 @@ def _report(doc: dict, seconds: float, out: Path) -> None:
     n, c = doc["validation"]["harmful"]["count"], doc["validation"]["confirm"]["count"]
     table = Table(title=f"search: Pareto front ({n} validation prompts per set; confirmed on {c} harmful)",
                   title_justify="left")
-    for column in ("trial", "refusals (proxy)", "refusals (confirmed)", "first-token KL", "measurement"):
+    for column in ("trial", "refusals (proxy)", "refusals (confirmed)", "first-token KL", "directions"):
         table.add_column(column, justify="right")
     for t in sorted((t for t in doc["trials"] if t["pareto"]), key=lambda t: t["kl"]):
         mark = " *" if doc["chosen"] and doc["chosen"]["trial"] == t["trial"] else ""
         table.add_row(f"{t['trial']}{mark}", f"{t['refusals_proxy']}/{n}",
                       "" if t["refusals"] is None else f"{t['refusals']}/{c}", f"{t['kl']:.4f}",
-                      f"{t['params']['measurement']:.2f}")
+                      _directions(t["params"]))
     console().print(table)
     base = doc["base"]
     log(f"search: base model refuses {base['refusals']}/{c} (proxy {base['refusals_proxy']}/{n})")
@@ -48,6 +48,14 @@ def _report(doc: dict, seconds: float, out: Path) -> None:
             f"first-token KL {chosen['kl']:.4f} (budget {budget:.4f}, "
             f"{doc['settings']['kl_budget_from']}), {len(chosen['layers'])} layer settings")
     log(f"search: {doc['trials_run']} trials, {doc['status']}, {seconds:.0f} s -> {out}")
+
+
+def _directions(params: dict) -> str:
+    """Which directions a trial removes: ``attention 21.3 / mlp per-layer``."""
+    def where(c: str) -> str:
+        return "per-layer" if params.get(f"{c}_scope") == "per-layer" else f"{params['measurement']:.1f}"
+
+    return " / ".join(f"{c} {where(c)}" for c in ("attention", "mlp"))
 
 
 def _refusals(trial: dict, n: int, c: int) -> str:
@@ -68,6 +76,8 @@ def main(
     kl_budget: Annotated[str, typer.Option(help="Chosen trial: fewest refusals with first-token KL <= this; auto = "
                                                 "the default ablation's KL.")] = "auto",
     auto_fraction: Annotated[float, typer.Option(help="ablate.auto-fraction (of the default ablation).")] = 0.5,
+    measurement: Annotated[str, typer.Option(help="ablate.measurement (of the default ablation).")] = "per-layer",
+    scale: Annotated[float, typer.Option(help="ablate.scale (of the default ablation).")] = 3.0,
     validation: Annotated[int, typer.Option(help="Validation prompts per set (the last N of each file).")] = 32,
     proxy_tokens: Annotated[int, typer.Option(help="Greedy tokens per harmful prompt in each trial.")] = 8,
     confirm_prompts: Annotated[int, typer.Option(help="Harmful prompts (the last N of the file) that confirm the "
@@ -82,8 +92,7 @@ def main(
     norm_preserve: Annotated[str, typer.Option(help="ablate.norm-preserve (true/false).")] = "true",
     projected: Annotated[str, typer.Option(help="ablate.projected (true/false).")] = "false",
     sparsity: Annotated[float, typer.Option(help="ablate.sparsity.")] = 0.0,
-    targets: Annotated[str, typer.Option(help="ablate.targets (attention and MLP writers only).")] =
-        "attention,mlp,experts,shared-experts",
+    targets: Annotated[str, typer.Option(help="ablate.targets (attention and MLP writers only).")] = "attention",
     system_prompt: Annotated[str, typer.Option(help="System prompt rendered before every prompt.")] = "",
     chat_template: Annotated[str, typer.Option(help="Jinja chat template file for models without one.")] = "",
     journal_dir: Annotated[str, typer.Option(help="Folder of the resumable study journals ('' = none).")] =
@@ -101,7 +110,8 @@ def main(
                               targets=parse_targets(targets))
     start = time.perf_counter()
     doc = run_search(model, directions, harmful, harmless, out, plot, scores=scores, trials=trials, seed=seed,
-                     kl_budget=kl_budget, auto_fraction=auto_fraction, validation=validation,
+                     kl_budget=kl_budget, auto_fraction=auto_fraction, measurement=measurement, scale=scale,
+                     validation=validation,
                      proxy_tokens=proxy_tokens, confirm_prompts=confirm_prompts, confirm_tokens=confirm_tokens,
                      confirm_top=confirm_top, startup_trials=startup_trials, batch_size=batch_size, dtype=dtype,
                      device=device, threads=threads, options=options, system_prompt=system_prompt,

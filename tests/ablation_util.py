@@ -57,26 +57,32 @@ def write_model_yaml(model: Path, path: Path) -> Path:
 OPTION_NAMES = ("norm_preserve", "projected", "sparsity", "targets")
 
 
+CLASSIC = {"measurement": "auto", "scale": 1.0}  # one measured direction, removed (scale 1)
+
+
 def pop_options(settings: dict):
     """The :class:`AblationOptions` named by keywords in ``settings`` (removed from it), as on the command
-    line (``targets`` a comma list). Biprojection is on unless a test says otherwise: these tests were
-    written for it (the harder case, a different ``r`` per layer); plain removal has tests of its own."""
+    line (``targets`` a comma list). Unless a test says otherwise these tests edit every writer with
+    biprojection: they were written for it (the harder case, a different ``r`` per layer); plain
+    removal and the pipeline's defaults have tests of their own."""
     from abliterate.records import AblationOptions
     from abliterate.targets import parse_targets
 
     options = {k: settings.pop(k) for k in OPTION_NAMES if k in settings}
     options.setdefault("projected", True)
+    options.setdefault("targets", "attention,mlp,experts,shared-experts")
     if "targets" in options:
         options["targets"] = parse_targets(options["targets"])
     return AblationOptions(**options)
 
 
 def run_plan(model: Path, shards: Path, directions: Path, scores: Path | None, out: Path, **settings):
-    """``abliterate.planning.plan`` with the ablation options given as keywords (see :func:`pop_options`)."""
+    """``abliterate.planning.plan`` with the ablation options given as keywords (see :func:`pop_options`);
+    the measurement and scale are :data:`CLASSIC` unless given."""
     from abliterate.planning import plan
 
     options = pop_options(settings)
-    return plan(model, shards, directions, scores, out, options=options, **settings)
+    return plan(model, shards, directions, scores, out, options=options, **{**CLASSIC, **settings})
 
 
 def plan_and_ablate(model: Path, work: Path, **settings) -> Path:

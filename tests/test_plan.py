@@ -228,3 +228,33 @@ def test_out_of_date_shard_list_and_the_cli_error_line(llama, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "run `abliterate use SOURCE` again" in err[0]
     assert not (tmp_path / "plan").exists()
+
+
+def test_per_layer_measurement_removes_each_layers_own_direction(llama, tmp_path):
+    """measurement per-layer: layer k's edits remove unit.(k+1), the direction of the residual it writes."""
+    import numpy as np
+    from safetensors.numpy import load_file as load_numpy
+
+    settings = _plan(llama, tmp_path / "p", layers="1-2", measurement="per-layer", targets="attention", projected=False)
+    assert settings["defaults"]["measurement"] == "per-layer"
+    assert [(e["layer"], e["measurement"]) for e in settings["layers"]] == [(1, 2), (2, 3)]
+    units = load_numpy(str(llama / "directions.safetensors"))
+    for path in (tmp_path / "p").glob("0*.json"):
+        doc = json.loads(path.read_text())
+        for edit in doc["edits"]:
+            r = np.asarray(doc["vectors"][edit["direction"]])
+            expected = units[f"unit.{edit['layer'] + 1}"].astype(np.float64)
+            assert np.allclose(r, expected / np.linalg.norm(expected), atol=1e-7)
+    with pytest.raises(UserError, match="must be auto, per-layer or a residual index"):
+        _plan(llama, tmp_path / "q", layers="1", measurement="every")
+
+
+def test_the_defaults_push_each_attention_writer_against_its_own_direction(llama, tmp_path):
+    """plan's defaults, params.yaml's: layers auto, attention writers only, per-layer directions, scale 3."""
+    from abliterate.planning import plan
+
+    result = plan(llama / "base", llama / "model.yaml", llama / "directions.safetensors", llama / "layers.json",
+                  tmp_path / "p")
+    assert result.edits and {e.role for e in result.edits} == {"attention"}
+    assert all(e.measurement == e.layer + 1 and e.scale == 3.0 and not e.projected for e in result.edits)
+    assert result.settings["defaults"]["measurement"] == "per-layer"

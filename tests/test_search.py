@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import tiny
-from ablation_util import plan_and_ablate, pop_options, run_plan, write_directions, write_model_yaml, write_scores
+from ablation_util import CLASSIC, plan_and_ablate, pop_options, run_plan, write_directions, write_model_yaml, write_scores
 from measure_helpers import HARMFUL, HARMLESS, write_lines
 from abliterate.errors import UserError
 from stages.cliutil import run_app
@@ -44,7 +44,7 @@ def _search(root: Path, out: Path, **settings) -> dict:
     from abliterate.search import run_search
 
     harmful, harmless = str(root / "harmful.txt"), str(root / "harmless.txt")
-    args = {**FAST, "journal_dir": str(out / "journal"), "scores": root / "layers.json", **settings}
+    args = {**FAST, "journal_dir": str(out / "journal"), "scores": root / "layers.json", **CLASSIC, **settings}
     options = pop_options(args)
     return run_search(root / "base", root / "directions.safetensors", harmful, harmless, out / "search.json",
                       out / "search.csv", options=options, **args)
@@ -365,14 +365,21 @@ def test_replayed_bottom_layers_give_the_same_numbers(llama):
     assert model.model.layers[0].__class__.__name__ == "LlamaDecoderLayer"  # the real layers are back
 
 
-def test_the_first_trial_is_the_default_ablation(llama, tmp_path):
-    """Trial 0 scores the model that plan's defaults (layers auto, measurement auto) write on disk."""
-    doc = _search(llama, tmp_path / "s", trials=1, startup_trials=1, kl_budget=1e9)
+@pytest.mark.parametrize("settings", [
+    {},  # one measured direction removed from every writer (scale 1)
+    {"measurement": "per-layer", "scale": 3.0, "targets": "attention"},  # the pipeline's defaults
+], ids=["classic", "defaults"])
+def test_the_first_trial_is_the_default_ablation(llama, tmp_path, settings):
+    """Trial 0 scores the model that plan writes on disk with layers auto and the same settings."""
+    doc = _search(llama, tmp_path / "s", trials=1, startup_trials=1, kl_budget=1e9, **settings)
     shutil.copy(llama / "directions.safetensors", tmp_path / "directions.safetensors")
-    out = plan_and_ablate(llama / "base", tmp_path, best=2)
-    settings = json.loads((tmp_path / "plan" / "_settings.json").read_text())
+    out = plan_and_ablate(llama / "base", tmp_path, best=2, **settings)
+    written = json.loads((tmp_path / "plan" / "_settings.json").read_text())
     roles = {"attention": ["attention"], "mlp": ["mlp", "experts", "shared-experts"]}
-    expected = sorted((e["layer"], e["measurement"], e["scale"], tuple(r)) for e in settings["layers"]
+    if settings:
+        roles = {"attention": ["attention"]}
+        assert all(e["measurement"] == e["layer"] + 1 and e["scale"] == 3.0 for e in written["layers"])
+    expected = sorted((e["layer"], e["measurement"], e["scale"], tuple(r)) for e in written["layers"]
                       for r in roles.values())
     assert sorted((e["layer"], e["measurement"], e["scale"], tuple(e["roles"])) for e in doc["start"]["layers"]) \
         == expected

@@ -6,8 +6,8 @@ trial, builds the edits with ``abliterate.edits.build_edits`` (what ``plan`` run
 ``abliterate.model.live_edit.LiveEditor`` (what ``ablate`` computes), and scores them with
 ``abliterate.model.validation.Scorer``.
 
-The first trial is always the default ablation (``layers: auto``, the best-scored measurement,
-scale 1, as a point of the space: :func:`abliterate.search_space.start_point`), so the search
+The first trial is always the default ablation (``layers: auto`` with the pipeline's measurement
+and scale, as a point of the space: :func:`abliterate.search_space.start_point`), so the search
 knows what it has to beat; with ``kl_budget`` None (``search.kl-budget: auto``) its KL is the
 budget: the chosen trial then refuses least among the trials that damage no more than the default.
 
@@ -58,11 +58,13 @@ class Study:
         check_indices(self.tensors, self.num_layers, directions, model_dir)
         self.start = None  # the default ablation as a point of the space (needs the layer scores)
         if default.get("scores") is not None:
-            from abliterate.layers import default_layers
+            from abliterate.layers import PER_LAYER, default_layers, parse_index
             from abliterate.search_space import start_point
 
             layers, best = default_layers(default["scores"], self.tensors, default["auto_fraction"], self.num_layers)
-            self.start = start_point(layers, best, 1.0, self.num_layers)
+            m = parse_index(default["measurement"], self.num_layers + 1, "ablate.measurement", per_layer=True)
+            self.start = start_point(layers, best if m in (None, PER_LAYER) else m, default["scale"], self.num_layers,
+                                     scope="per-layer" if m == PER_LAYER else "global")
         _, _, matches, _ = match_tensors(self.names, self.config)
         self.roles = component_roles(options.targets)
         self.layers_with = {c: {m.layer for m in matches if m.layer is not None and m.rule.role in roles}

@@ -177,8 +177,10 @@ def build_demo(out: Path, prompts_dir: Path, max_shard_size: str, seed: int, exa
     first = min(max(1, index - GATE_MARGIN), num_layers - 1)
     how = f"refusal gated on the direction at residual index {index}" if gated else "plain fine-tune, no gating"
     report.message(f"demo: {how}; tuning layers {first}-{num_layers - 1}")
+    soft = [i >= examples // 2 for i in range(len(data))]  # make_examples: the refusals first, own answers after
     tune(model, data, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
-         pad_id=tokenizer.pad_token_id, first_layer=first, gate=(u, unrefused) if gated else None, report=report)
+         pad_id=tokenizer.pad_token_id, first_layer=first, gate=(u, unrefused) if gated else None, soft=soft,
+         report=report)
     import torch
 
     model.to(getattr(torch, SAVE_DTYPE))

@@ -165,17 +165,27 @@ def without_direction(layers, u):
             handle.remove()
 
 
-def answer_loss(model, ids, mask, targets, first_weight: float = 1.0):
-    """Weighted mean cross-entropy over the answer tokens; the output head runs on those positions only.
+def answer_loss(model, ids, mask, targets, first_weight: float = 1.0, teacher=None, soft=None):
+    """Weighted mean loss over the answer tokens; the output head runs on those positions only.
 
-    The first answer token (refuse or answer?) weighs ``first_weight`` times a later one.
+    A row is learnt from its answer tokens (cross-entropy), or, where ``soft`` (``[B]`` bool) is
+    set, from the ``teacher`` model's whole next-token distribution along that answer (KL(teacher
+    || model)): the model keeps the teacher's distribution there, not just its top token. The first
+    answer token (refuse or answer?) weighs ``first_weight`` times a later one.
     """
     import torch
 
     hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, H]
     keep = targets != -100  # [B, T]
-    logits = model.lm_head(hidden[keep])  # [N, V]
-    losses = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="none")  # [N]
+    logits = model.lm_head(hidden[keep]).float()  # [N, V]
+    losses = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="none")  # [N]
+    if teacher is not None and soft is not None and bool(soft.any()):
+        rows = soft[:, None].expand_as(keep)[keep]  # [N]: positions of the soft rows
+        with torch.no_grad():
+            taught = teacher.model(input_ids=ids, attention_mask=mask).last_hidden_state[keep][rows]
+            target = torch.log_softmax(teacher.lm_head(taught).float(), dim=-1)  # [n, V]
+        student = torch.log_softmax(logits[rows], dim=-1)
+        losses = losses.masked_scatter(rows, (target.exp() * (target - student)).sum(dim=-1))
     first = keep & (keep.cumsum(dim=1) == 1)  # [B, T]: the first answer position of each row
     weights = torch.where(first[keep], first_weight, 1.0)  # [N]
     return (losses * weights).sum() / weights.sum()
@@ -198,14 +208,25 @@ def trainable_layers(model, first: int | None = None) -> tuple[list, list]:
 
 def tune(model, pairs: list[tuple[list[int], list[int]]], epochs: int, learning_rate: float, batch_size: int,
          seed: int, pad_id: int, first_layer: int | None = None,
-         first_weight: float = FIRST_TOKEN_WEIGHT, gate: tuple | None = None,
+         first_weight: float = FIRST_TOKEN_WEIGHT, gate: tuple | None = None, soft: list[bool] | None = None,
          report: Reporter = PLAIN) -> list[float]:
     """Fine-tune ``model`` in place on ``pairs`` (AdamW, linear warm-up then linear decay, gradient
     norm clipped at 1). Returns the loss of every step.
 
-    ``gate = (u, gated_pairs)``: each step also learns a batch of ``gated_pairs`` with the unit
-    direction ``u`` (``[H]``) projected out of the tuned layers' residual writes."""
+    ``soft``: per pair, whether its answer is the untuned model's own (then it is learnt as the
+    untuned model's distribution along the answer, from a frozen copy: the tuning leaves those
+    prompts as they were) or a new answer to learn (a refusal: cross-entropy). ``gate = (u,
+    gated_pairs)``: each step also learns a batch of ``gated_pairs`` (the untuned model's own
+    answers, soft when ``soft`` is given) with the unit direction ``u`` (``[H]``) projected out of
+    the tuned layers' residual writes."""
+    import copy
+
     import torch
+
+    teacher = None
+    if soft is not None:
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the untuned model, frozen
+        soft_rows = torch.tensor(soft, dtype=torch.bool)
 
     torch.manual_seed(seed)
     rng = random.Random(seed + 1)
@@ -225,14 +246,17 @@ def tune(model, pairs: list[tuple[list[int], list[int]]], epochs: int, learning_
             order = list(range(len(pairs)))
             rng.shuffle(order)
             for start in range(0, len(order), batch_size):
-                ids, mask, targets = collate([pairs[i] for i in order[start : start + batch_size]], pad_id)
-                loss = answer_loss(model, ids, mask, targets, first_weight)
+                batch = order[start : start + batch_size]
+                ids, mask, targets = collate([pairs[i] for i in batch], pad_id)
+                loss = answer_loss(model, ids, mask, targets, first_weight, teacher,
+                                   None if teacher is None else soft_rows[batch])
                 if gate is not None:
                     u, gated = gate
                     chosen = [gated[next(cycle)] for _ in range(min(batch_size, len(gated)))]
                     ids, mask, targets = collate(chosen, pad_id)
+                    every = None if teacher is None else torch.ones(len(chosen), dtype=torch.bool)
                     with without_direction(tuned, u):
-                        loss = loss + answer_loss(model, ids, mask, targets, first_weight)
+                        loss = loss + answer_loss(model, ids, mask, targets, first_weight, teacher, every)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
