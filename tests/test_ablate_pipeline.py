@@ -192,7 +192,7 @@ def _edited_shards(root) -> dict[str, set]:
 def test_dvc_reruns_only_what_an_ablate_change_touches(tmp_path):
     env = environment(tmp_path)
     model = tiny.make_model("llama", tmp_path / "source", layers=3)
-    root = make_project(tmp_path, model, env, params={"ablate.layers": "1", "ablate.targets": "attention"})
+    root = make_project(tmp_path, model, env, params={"ablate.layers": "1"})
 
     first = _repro(root, env)
     shards = _edited_shards(root)
@@ -202,7 +202,11 @@ def test_dvc_reruns_only_what_an_ablate_change_touches(tmp_path):
     _set_ablate(root, scale=0.5)
     holding = {f"ablate@{k}" for k, tensors in shards.items() if tensors}
     assert len(holding) == 1 and len(shards) > 1
-    assert _repro(root, env) == {"plan", "finalize"} | holding
+    skipped = (root / "artifacts" / "search.json").read_bytes()
+    # the search reads the scale (its first trial is the configured ablation); skipped, it reruns
+    # without loading anything and writes the same bytes
+    assert _repro(root, env) == {"search", "plan", "finalize"} | holding
+    assert (root / "artifacts" / "search.json").read_bytes() == skipped
 
     # add layer X whose o_proj lives in another shard than layer 1's: only that shard reruns
     weight_map = json.loads((root / "models" / "base" / "model.safetensors.index.json").read_text())["weight_map"]

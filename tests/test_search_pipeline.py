@@ -66,12 +66,13 @@ def test_experiment_searches_and_plans_the_chosen_trial(project):
     metrics = json.loads((root / "metrics" / "eval.json").read_text())
     assert {"heretic_refusals", "heretic_kl_first_token"} <= set(metrics)
 
-    # the ablation keys the search does not read rerun plan, not the search
-    for key, value in (("ablate.measurement", 1), ("ablate.scale", 0.5)):
+    # per-layer overrides are applied by plan on top of the chosen trial: the search does not read them
+    set_params(root / "params.yaml", **{"ablate.overrides": [{"layer": 1, "scale": 0.5}]})
+    assert set(stale(root, env, "plan")) == {"plan"}
+    # measurement, scale and auto-fraction shape the configured ablation, which is the search's first
+    # trial and (kl-budget auto) sets its budget
+    for key, value in (("ablate.measurement", 1), ("ablate.scale", 0.5), ("ablate.auto-fraction", 0.9)):
         set_params(root / "params.yaml", **{key: value})
-        assert "search" not in stale(root, env, "plan") and "plan" in stale(root, env, "plan")
-    # ablate.auto-fraction shapes the default ablation, the search's first trial and (kl-budget auto) its budget
-    set_params(root / "params.yaml", **{"ablate.auto-fraction": 0.9})
-    assert set(stale(root, env, "plan")) == {"search", "plan"}
+        assert set(stale(root, env, "plan")) == {"search", "plan"}
     set_params(root / "params.yaml", **{"search.seed": 1})
     assert set(stale(root, env, "plan")) == {"search", "plan"}
