@@ -10,7 +10,8 @@ optional target) write into residual index 0 and use the default measurement, sc
 are refused as a target: editing them would change every output logit as well.
 
 ``layers = "search"`` takes the per-layer settings of the trial the search chose (a fractional
-measurement and separate attention and MLP scales per layer); overrides still apply on top. The
+measurement and separate attention and MLP scales per layer), ``"search:N"`` those of trial N of
+its Pareto front; overrides still apply on top. The
 search must have been run with the same options and on the same directions file.
 """
 
@@ -53,12 +54,14 @@ def plan(model: Path, shards_file: Path, directions: Path, scores: Path | None, 
     tensors, _ = load_directions(directions)
     num_indices = num_layers + 1
     check_indices(tensors, num_layers, directions, model)
+    from abliterate.formats.search_result import read_chosen, search_pick
+
     searched = None
-    if str(layers).strip().lower() == "search":
-        from abliterate.formats.search_result import read_chosen
+    from_search, trial = search_pick(layers)
+    if from_search:
         from abliterate.hashing import sha256_file
 
-        searched = read_chosen(search, sha256_file(directions), num_layers, options)
+        searched = read_chosen(search, sha256_file(directions), num_layers, options, trial)
     layer_list = [] if searched is not None else parse_layers(layers, num_layers)
     m = parse_index(measurement, num_indices, "ablate.measurement", per_layer=True)
     if searched is not None and m is None:

@@ -11,8 +11,9 @@ the whole file is the list), in llm-abliteration's shape ``- {layer, measurement
 sparsity}``. DVC cannot put a list of dicts on a command line, so the pipeline points this at
 ``params.yaml:ablate.overrides``; llm-abliteration users can point it at their own config
 (``--overrides-from mycfg.yml:ablate``). ``--layers search`` takes the trial the ``search`` stage
-chose (``--search artifacts/search.json``), which must have been searched with this plan's
-norm-preserve, projected, sparsity and targets (under DVC it always is: it reads the same keys).
+chose (``--search artifacts/search.json``), ``--layers search:N`` trial N of its Pareto front; either
+must have been searched with this plan's norm-preserve, projected, sparsity and targets (under DVC
+it always is: it reads the same keys).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def main(
     layers: Annotated[str, typer.Option(help="auto | search | 8-20 | 3,5,8-12 | 12 (decoder layers, ranges "
                                         "inclusive); auto: every layer touching the run of residual indices around "
                                         "the best one with quality >= auto-fraction x best; search: the trial the "
-                                        "search stage chose (--search).")] = "auto",
+                                        "search stage chose (--search); search:N: trial N of its Pareto front.")] = "auto",
     measurement: Annotated[str, typer.Option(help="auto (best scored), a residual index 0..L, or per-layer "
                                              "(layer k removes the direction at index k+1).")] = "per-layer",
     scale: Annotated[float, typer.Option(help="1 removes, 0 keeps, above 1 pushes against it, negative adds it "

@@ -257,6 +257,38 @@ def test_searched_plan_writes_the_model_the_trial_scored(llama, tmp_path):
     assert doc["validation"]["confirm"]["count"] == doc["settings"]["confirm_prompts"] == 10
 
 
+def test_any_front_trial_can_be_planned_by_number(llama, tmp_path):
+    """``ablate.layers: search:N`` writes trial N of the front: the reloaded model has that trial's KL."""
+    doc = _search(llama, tmp_path / "s", trials=6, startup_trials=6, kl_budget=1e9)
+    front = [t for t in doc["trials"] if t["pareto"]]
+    assert front and all("layers" in t for t in front) and not any("layers" in t for t in doc["trials"]
+                                                                    if not t["pareto"])
+    pick = max(front, key=lambda t: (t["trial"] != doc["chosen"]["trial"], t["kl"]))  # another than the chosen, if any
+    shutil.copy(llama / "directions.safetensors", tmp_path / "directions.safetensors")
+    out = plan_and_ablate(llama / "base", tmp_path, layers=f"search:{pick['trial']}",
+                          search=tmp_path / "s" / "search.json")
+    settings = json.loads((tmp_path / "plan" / "_settings.json").read_text())
+    assert settings["search"]["trial"] == pick["trial"] and settings["layers"] == pick["layers"]
+    from abliterate.model.modelio import load_model, load_tokenizer
+    from abliterate.model.prompts import render
+    from abliterate.model.validation import Scorer, split_validation
+
+    sets = split_validation(llama / "harmful.txt", llama / "harmless.txt", FAST["validation"], FAST["confirm_prompts"])
+    tokenizer = load_tokenizer(llama / "base")
+    ids = [render(tokenizer, s) for s in (sets.harmful, sets.harmless)]
+    scorers = [Scorer(load_model(p, "float32", "cpu"), tokenizer, *ids, batch_size=8, device="cpu")
+               for p in (llama / "base", out)]
+    scorers[1].base = scorers[0].first_token_logprobs().double()
+    assert scorers[1].kl() == pick["kl"]
+    off = next((t["trial"] for t in doc["trials"] if not t["pareto"]), 99)
+    with pytest.raises(UserError, match=f"trial {off} is not on the Pareto front .*; pick one of"):
+        run_plan(llama / "base", llama / "model.yaml", llama / "directions.safetensors", llama / "layers.json",
+                 tmp_path / "plan2", layers=f"search:{off}", search=tmp_path / "s" / "search.json")
+    with pytest.raises(UserError, match="cannot read 'search:x'"):
+        run_plan(llama / "base", llama / "model.yaml", llama / "directions.safetensors", llama / "layers.json",
+                 tmp_path / "plan2", layers="search:x", search=tmp_path / "s" / "search.json")
+
+
 def test_ctrl_c_keeps_the_best_so_far(llama, tmp_path, monkeypatch):
     from abliterate.model.study import Study
 

@@ -4,7 +4,8 @@
 ``interrupted``), ``chosen`` (the chosen trial: its per-layer settings, which ``plan --layers
 search`` turns into edits), ``pareto``, ``inputs`` (directions hash, model, layer count), ``options``
 (the ablation options it was searched with), ``start`` (the default ablation's trial), ``settings``,
-``validation``, ``space``, ``base`` and every trial. ``search.csv``: one row per trial (trial,
+``validation``, ``space``, ``base`` and every trial (those of the Pareto front with their per-layer
+settings, so that ``ablate.layers: search:N`` can write any of them). ``search.csv``: one row per trial (trial,
 proxy refusals, first-token KL, on the Pareto front, confirmed refusals).
 """
 
@@ -36,8 +37,24 @@ def skipped(reason: str) -> dict:
     return {"format": FORMAT, "status": "skipped", "reason": reason, "how": HOW, "trials": []}
 
 
-def read_chosen(path: str | Path | None, directions_sha256: str, num_layers: int, options) -> dict:
-    """The chosen trial of ``search.json`` as plan's per-layer settings; one line if unusable.
+def search_pick(spec: str) -> tuple[bool, int | None]:
+    """``ablate.layers`` as a search pick: ``search`` -> (True, None), the chosen trial; ``search:N`` ->
+    (True, N), trial N of the Pareto front; anything else -> (False, None)."""
+    text = str(spec).strip().lower()
+    head, colon, tail = text.partition(":")
+    if head != "search":
+        return False, None
+    if not colon:
+        return True, None
+    if not tail.strip().isdigit():
+        fail(f"ablate.layers: cannot read {spec!r}; use search (the chosen trial) or search:N (trial N of the front)")
+    return True, int(tail)
+
+
+def read_chosen(path: str | Path | None, directions_sha256: str, num_layers: int, options,
+                trial: int | None = None) -> dict:
+    """The chosen trial of ``search.json`` (or ``trial``, one of its Pareto front) as plan's per-layer
+    settings; one line if unusable.
 
     ``options``: the :class:`abliterate.edits.AblationOptions` of the plan, which must be the
     search's. Returns ``{"edits": [LayerEdit], "measurement": m, "source": {...}}``.
@@ -51,7 +68,15 @@ def read_chosen(path: str | Path | None, directions_sha256: str, num_layers: int
     if doc.get("status") == "skipped":
         fail(f"ablate.layers is search, but no search ran (search.trials is 0); {HOW}")
     chosen = doc.get("chosen")
-    if not chosen:
+    if trial is not None:
+        front = {t["trial"]: t for t in doc.get("trials", []) if t.get("layers") is not None}
+        if trial not in front:
+            fail(f"ablate.layers search:{trial}: trial {trial} is not on the Pareto front of {path}; "
+                 f"pick one of {sorted(front)}")
+        picked = front[trial]
+        chosen = {"trial": trial, "refusals": picked["refusals"], "kl": picked["kl"],
+                  "measurement": picked["params"]["measurement"], "layers": picked["layers"]}
+    elif not chosen:
         fail(f"no trial in {path} kept the first-token KL within search.kl-budget ({doc['settings']['kl_budget']}); "
              "raise search.kl-budget or run more trials")
     if doc["inputs"]["num_layers"] != num_layers or doc["inputs"]["directions_sha256"] != directions_sha256:

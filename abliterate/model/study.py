@@ -269,7 +269,9 @@ class Study:
             "trials": [{"trial": t.number, "kl": float(t.values[1]),
                         "refusals_proxy": int(t.values[0]) if t.number in answered else None,
                         "refusals": confirmed.get(t.number), "pareto": t.number in front,
-                        "params": dict(sorted(t.params.items()))} for t in done],
+                        "params": dict(sorted(t.params.items())),
+                        **({"layers": [e.to_json() for e in self.layer_edits(t.params)]} if t.number in front else {})}
+                       for t in done],
         }
 
     def _start_doc(self, done: list, answered: set, confirmed: dict[int, int]) -> dict | None:
