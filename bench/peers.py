@@ -309,7 +309,7 @@ def write_csv(rows: list[dict], path: Path, label: str) -> None:
 
 
 def write_svg(rows: list[dict], path: Path, label: str) -> None:
-    """Refusals against first-token KL, one colour per tool, each tool's points joined in KL order."""
+    """Refusals against first-token KL, one colour per tool, each tool's front drawn as a line."""
     width, height, pad = 520, 360, 50
     kl_max = max(r["kl_first_token"] for r in rows) * 1.1 or 1.0
     x = lambda kl: pad + (width - 2 * pad) * kl / kl_max  # noqa: E731
@@ -328,9 +328,10 @@ def write_svg(rows: list[dict], path: Path, label: str) -> None:
         parts.append(f'<text x="{x(kl)}" y="{height - pad + 15}" text-anchor="middle">{kl:.2f}</text>')
         parts.append(f'<text x="{pad - 5}" y="{y(rate) + 4}" text-anchor="end">{rate:.0%}</text>')
     for tool, colour in colours.items():
-        mine = sorted((r for r in rows if r["tool"] == tool), key=lambda r: r["kl_first_token"])
-        if len(mine) > 1:
-            line = " ".join(f"{x(r['kl_first_token']):.1f},{y(r['refusals']):.1f}" for r in mine)
+        mine = sorted((r for r in rows if r["tool"] == tool), key=lambda r: (r["kl_first_token"], r["refusals"]))
+        front = [r for i, r in enumerate(mine) if all(o["refusals"] > r["refusals"] for o in mine[:i])]
+        if len(front) > 1:  # the tool's front among its evaluated points: KL up, refusals down
+            line = " ".join(f"{x(r['kl_first_token']):.1f},{y(r['refusals']):.1f}" for r in front)
             parts.append(f'<polyline points="{line}" fill="none" stroke="{colour}" stroke-opacity="0.5"/>')
         for r in mine:
             parts.append(f'<circle cx="{x(r["kl_first_token"]):.1f}" cy="{y(r["refusals"]):.1f}" r="{6 if r.get("chosen") else 4}" '
@@ -352,6 +353,7 @@ def main() -> None:
     parser.add_argument("--label", default="demo", help="the model's name in plots/peers.csv")
     parser.add_argument("--scales", type=lambda t: [float(x) for x in t.split(",") if x], default=[1.0, 1.5],
                         help="other ablate.scale values of the default ablation evaluated too (comma list)")
+    parser.add_argument("--matches", type=int, default=2, help="points of our front evaluated per heretic point")
     parser.add_argument("--resume", action="store_true", help="reuse our measurement and search already in --work")
     parser.add_argument("--report-only", action="store_true", help="print the table again from --work/points.json")
     args = parser.parse_args()
@@ -390,7 +392,7 @@ def main() -> None:
     doc = json.loads((work / "search.json").read_text())
     count = doc["validation"]["harmful"]["count"]
     ours = [row("ours", "default", baseline, own="metrics/eval.json")]
-    for trial, why in our_picks(doc, ran["saved"]):
+    for trial, why in our_picks(doc, ran["saved"], args.matches):
         out = work / "ours" / f"trial-{trial}"
         if not (out / "eval.json").is_file():
             print(f"peers: evaluating our trial {trial} ...", flush=True)
@@ -453,7 +455,7 @@ def run_heretic(p: dict, venv: Path, work: Path, args, budget: float) -> dict:
     return ran
 
 
-def our_picks(doc: dict, saved: list[dict]) -> list[tuple[int, str]]:
+def our_picks(doc: dict, saved: list[dict], matches: int = 2) -> list[tuple[int, str]]:
     """The search's chosen trial, and for each saved heretic point the two points of our front with
     the fewest refusals whose validation KL is at most that point's (both tools score trials on the
     same validation prompts, first-token KL): the ones of ours that should dominate it."""
@@ -463,7 +465,7 @@ def our_picks(doc: dict, saved: list[dict]) -> list[tuple[int, str]]:
         picks[doc["chosen"]["trial"]] = " (search's pick)"
     for point in saved:
         within = [t for t in front if t["kl"] <= point["kl"]]
-        for t in within[-2:][::-1]:  # two: the validation KL ranks the tools' points a little differently
+        for t in within[-matches:][::-1]:  # two: the validation KL ranks the tools' points a little differently
             picks.setdefault(t["trial"], f" (vs heretic {point['trial']})")
     return list(picks.items())
 
