@@ -280,8 +280,14 @@ def test_any_front_trial_can_be_planned_by_number(llama, tmp_path):
                for p in (llama / "base", out)]
     scorers[1].base = scorers[0].first_token_logprobs().double()
     assert scorers[1].kl() == pick["kl"]
-    off = next((t["trial"] for t in doc["trials"] if not t["pareto"]), 99)
-    with pytest.raises(UserError, match=f"trial {off} is not on the Pareto front .*; pick one of"):
+    # the first trial (the configured ablation) can be planned too, on the front or not
+    first = doc["start"]["trial"]
+    run_plan(llama / "base", llama / "model.yaml", llama / "directions.safetensors", llama / "layers.json",
+             tmp_path / "plan3", layers=f"search:{first}", search=tmp_path / "s" / "search.json")
+    assert json.loads((tmp_path / "plan3" / "_settings.json").read_text())["layers"] == doc["start"]["layers"]
+    off = next((t["trial"] for t in doc["trials"]
+                if not t["pareto"] and t["trial"] not in (first, doc["chosen"]["trial"])), 99)
+    with pytest.raises(UserError, match=f"trial {off} of .* is neither on its Pareto front nor the chosen or first"):
         run_plan(llama / "base", llama / "model.yaml", llama / "directions.safetensors", llama / "layers.json",
                  tmp_path / "plan2", layers=f"search:{off}", search=tmp_path / "s" / "search.json")
     with pytest.raises(UserError, match="cannot read 'search:x'"):

@@ -51,10 +51,14 @@ def search_pick(spec: str) -> tuple[bool, int | None]:
     return True, int(tail)
 
 
+def _measurement(doc: dict, trial: int) -> float:
+    return float(next(t["params"]["measurement"] for t in doc["trials"] if t["trial"] == trial))
+
+
 def read_chosen(path: str | Path | None, directions_sha256: str, num_layers: int, options,
                 trial: int | None = None) -> dict:
-    """The chosen trial of ``search.json`` (or ``trial``, one of its Pareto front) as plan's per-layer
-    settings; one line if unusable.
+    """The chosen trial of ``search.json`` (or ``trial``: one of its Pareto front, the chosen one or
+    the first, the default ablation) as plan's per-layer settings; one line if unusable.
 
     ``options``: the :class:`abliterate.edits.AblationOptions` of the plan, which must be the
     search's. Returns ``{"edits": [LayerEdit], "measurement": m, "source": {...}}``.
@@ -69,13 +73,19 @@ def read_chosen(path: str | Path | None, directions_sha256: str, num_layers: int
         fail(f"ablate.layers is search, but no search ran (search.trials is 0); {HOW}")
     chosen = doc.get("chosen")
     if trial is not None:
-        front = {t["trial"]: t for t in doc.get("trials", []) if t.get("layers") is not None}
-        if trial not in front:
-            fail(f"ablate.layers search:{trial}: trial {trial} is not on the Pareto front of {path}; "
-                 f"pick one of {sorted(front)}")
-        picked = front[trial]
-        chosen = {"trial": trial, "refusals": picked["refusals"], "kl": picked["kl"],
-                  "measurement": picked["params"]["measurement"], "layers": picked["layers"]}
+        # the front's trials carry their settings; so do the chosen one and the start (the default ablation)
+        known = {t["trial"]: {"trial": t["trial"], "refusals": t["refusals"], "kl": t["kl"],
+                              "measurement": t["params"]["measurement"], "layers": t["layers"]}
+                 for t in doc.get("trials", []) if t.get("layers") is not None}
+        start = doc.get("start")
+        if start:
+            known.setdefault(start["trial"], {**start, "measurement": _measurement(doc, start["trial"])})
+        if chosen:
+            known[chosen["trial"]] = chosen
+        if trial not in known:
+            fail(f"ablate.layers search:{trial}: trial {trial} of {path} is neither on its Pareto front nor the chosen or first one; "
+                 f"pick one of {sorted(known)}")
+        chosen = known[trial]
     elif not chosen:
         fail(f"no trial in {path} kept the first-token KL within search.kl-budget ({doc['settings']['kl_budget']}); "
              "raise search.kl-budget or run more trials")
