@@ -130,12 +130,19 @@ def write_point(p: dict, work: Path, trial: int | None, out: Path, scale: float 
     return model
 
 
-def evaluate(p: dict, model: Path, out: Path, log: Path) -> dict:
-    e = p["evaluate"]
+def judged(p: dict, out: Path, log: Path, make_model) -> dict:
+    """Our ``evaluate`` of the folder ``make_model()`` writes, kept in ``out/eval.json`` (reused when
+    there: ``--resume``); ``make_model`` returns the folder and whether to delete it afterwards."""
     metrics = out / "eval.json"
-    timed(["stages.evaluate", "--model", str(model), "--baseline", "artifacts/baseline.parquet",
-           "--metrics", str(metrics), "--report", str(out / "eval.md"), "--batch-size", str(e["batch-size"]),
-           "--dtype", e["dtype"], "--device", e["device"]], log)
+    if not metrics.is_file():
+        print(f"peers: evaluating {out.parent.name}/{out.name} ...", flush=True)
+        model, scratch = make_model()
+        e = p["evaluate"]
+        timed(["stages.evaluate", "--model", str(model), "--baseline", "artifacts/baseline.parquet",
+               "--metrics", str(metrics), "--report", str(out / "eval.md"), "--batch-size", str(e["batch-size"]),
+               "--dtype", e["dtype"], "--device", e["device"]], log)
+        if scratch:
+            shutil.rmtree(model)
     return json.loads(metrics.read_text())
 
 
@@ -280,10 +287,12 @@ def spread(items: list, count: int) -> list:
     return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)] if count > 1 else items[:1]
 
 
-def row(tool: str, name: str, m: dict, seconds: float | None = None, own: str = "") -> dict:
-    return {"tool": tool, "point": name, "refusals": m["refusal_rate_after"], "over_refusal": m["over_refusal_rate_after"],
-            "kl_first_token": m.get("kl_first_token", 0.0), "kl_answer": m.get("kl_answer", 0.0),
-            "seconds": seconds, "own": own}
+def row(tool: str, name: str, m: dict, own: str = "", when: str = "after") -> dict:
+    """One evaluated point; ``when="before"``: the base model of the same metrics (no KL)."""
+    kl = when == "after"
+    return {"tool": tool, "point": name, "refusals": m[f"refusal_rate_{when}"],
+            "over_refusal": m[f"over_refusal_rate_{when}"], "kl_first_token": m["kl_first_token"] if kl else 0.0,
+            "kl_answer": m["kl_answer"] if kl else 0.0, "own": own}
 
 
 def dominates(o: dict, h: dict) -> bool:
@@ -310,6 +319,8 @@ def write_csv(rows: list[dict], path: Path, label: str) -> None:
 
 def write_svg(rows: list[dict], path: Path, label: str) -> None:
     """Refusals against first-token KL, one colour per tool, each tool's front drawn as a line."""
+    from abliterate.search_space import pareto_front
+
     width, height, pad = 520, 360, 50
     kl_max = max(r["kl_first_token"] for r in rows) * 1.1 or 1.0
     x = lambda kl: pad + (width - 2 * pad) * kl / kl_max  # noqa: E731
@@ -329,7 +340,8 @@ def write_svg(rows: list[dict], path: Path, label: str) -> None:
         parts.append(f'<text x="{pad - 5}" y="{y(rate) + 4}" text-anchor="end">{rate:.0%}</text>')
     for tool, colour in colours.items():
         mine = sorted((r for r in rows if r["tool"] == tool), key=lambda r: (r["kl_first_token"], r["refusals"]))
-        front = [r for i, r in enumerate(mine) if all(o["refusals"] > r["refusals"] for o in mine[:i])]
+        keys = pareto_front({i: (r["refusals"], r["kl_first_token"]) for i, r in enumerate(mine)})
+        front = sorted((mine[i] for i in keys), key=lambda r: r["kl_first_token"])
         if len(front) > 1:  # the tool's front among its evaluated points: KL up, refusals down
             line = " ".join(f"{x(r['kl_first_token']):.1f},{y(r['refusals']):.1f}" for r in front)
             parts.append(f'<polyline points="{line}" fill="none" stroke="{colour}" stroke-opacity="0.5"/>')
@@ -354,7 +366,7 @@ def main() -> None:
     parser.add_argument("--scales", type=lambda t: [float(x) for x in t.split(",") if x], default=[1.0, 1.5],
                         help="other ablate.scale values of the default ablation evaluated too (comma list)")
     parser.add_argument("--matches", type=int, default=2, help="points of our front evaluated per heretic point")
-    parser.add_argument("--resume", action="store_true", help="reuse our measurement and search already in --work")
+    parser.add_argument("--resume", action="store_true", help="reuse the phases already in --work (run on the same base model: points still missing are judged on the workspace's)")
     parser.add_argument("--report-only", action="store_true", help="print the table again from --work/points.json")
     args = parser.parse_args()
     if args.report_only:
@@ -381,40 +393,31 @@ def main() -> None:
         print(f"peers: our measurement and {args.trials}-trial search ...", flush=True)
         ours_seconds = run_ours(p, work, args.trials, log)
         done.write_text(json.dumps({"seconds": ours_seconds, "trials": args.trials}) + "\n")
+        # the default's numbers belong to this run's model: --resume must not read another workspace's
+        shutil.copy(ROOT / "metrics" / "eval.json", work / "default-eval.json")
     budget = args.budget or ours_seconds
     print(f"peers: ours took {ours_seconds:.0f} s; heretic gets {budget:.0f} s", flush=True)
     ran = run_heretic(p, Path(venv), work, args, budget)
 
-    baseline = json.loads((ROOT / "metrics" / "eval.json").read_text())
-    base_row = {"tool": "base", "point": "base", "refusals": baseline["refusal_rate_before"],
-                "over_refusal": baseline["over_refusal_rate_before"], "kl_first_token": 0.0, "kl_answer": 0.0,
-                "seconds": None, "own": ""}
+    baseline = json.loads((work / "default-eval.json").read_text())
+    base_row = row("base", "base", baseline, when="before")
     doc = json.loads((work / "search.json").read_text())
     count = doc["validation"]["harmful"]["count"]
     ours = [row("ours", "default", baseline, own="metrics/eval.json")]
     for trial, why in our_picks(doc, ran["saved"], args.matches):
         out = work / "ours" / f"trial-{trial}"
-        if not (out / "eval.json").is_file():
-            print(f"peers: evaluating our trial {trial} ...", flush=True)
-            model = write_point(p, work, trial, out)
-            evaluate(p, model, out, log)
-            shutil.rmtree(model)
         record = next(t for t in doc["trials"] if t["trial"] == trial)
-        ours.append(row("ours", f"trial {trial}{why}", json.loads((out / "eval.json").read_text()),
+        ours.append(row("ours", f"trial {trial}{why}", judged(p, out, log, lambda: (write_point(p, work, trial, out), True)),
                         own=f"{record['refusals_proxy']}/{count}, KL {record['kl']:.3f}"))
     for scale in args.scales:
         out = work / "ours" / f"scale-{scale:g}"
-        if not (out / "eval.json").is_file():
-            print(f"peers: evaluating our default at scale {scale:g} ...", flush=True)
-            model = write_point(p, work, None, out, scale)
-            evaluate(p, model, out, log)
-            shutil.rmtree(model)
-        ours.append(row("ours", f"default, scale {scale:g}", json.loads((out / "eval.json").read_text()),
+        ours.append(row("ours", f"default, scale {scale:g}",
+                        judged(p, out, log, lambda: (write_point(p, work, None, out, scale), True)),
                         own="-S ablate.scale"))
     theirs = []
     for point in ran["saved"]:
         out = work / "heretic-models" / f"eval-{point['trial']}"
-        theirs.append(row("heretic", f"trial {point['trial']}", json.loads((out / "eval.json").read_text()),
+        theirs.append(row("heretic", f"trial {point['trial']}", judged(p, out, log, lambda: sys.exit(f"peers: {out} lost")),
                           own=f"{point['refusals']}/{point['prompts']}, KL {point['kl']:.3f}"))
     run = {"label": args.label, "trials": args.trials, "ours_seconds": ours_seconds, "heretic_seconds": ran["seconds"],
            "heretic_trials": ran["trials"], "budget": budget, "rows": [base_row, *ours, *theirs]}
@@ -446,10 +449,8 @@ def run_heretic(p: dict, venv: Path, work: Path, args, budget: float) -> dict:
         at = heretic.save(point["choice"], work / "heretic-models" / f"trial-{point['trial']}", at)
     heretic.finish(exit_choice)
     for point in saved:
-        print(f"peers: evaluating heretic's trial {point['trial']} ...", flush=True)
         folder = work / "heretic-models" / f"trial-{point['trial']}"
-        evaluate(p, folder, work / "heretic-models" / f"eval-{point['trial']}", work / "ours.log")
-        shutil.rmtree(folder)
+        judged(p, work / "heretic-models" / f"eval-{point['trial']}", work / "ours.log", lambda: (folder, True))
     ran = {"seconds": seconds, "trials": trials, "budget": budget, "menu": menu, "saved": saved}
     done.write_text(json.dumps(ran, indent=1) + "\n")
     return ran
