@@ -39,6 +39,7 @@ def plan(model: Path, shards_file: Path, directions: Path, scores: Path | None, 
     from abliterate.formats.directions import check_indices, load_directions
     from abliterate.formats.model_yaml import read_shards
     from abliterate.formats.plans import FORMAT, shard_documents, write_plan_dir
+    from abliterate.formats.search_result import read_chosen, search_pick
     from abliterate.layers import PER_LAYER, default_layers, load_overrides, parse_index, parse_layers
     from abliterate.layers import resolve_layer_edits
     from abliterate.model.modelio import check_model_dir, read_config, text_config, weight_map
@@ -54,8 +55,6 @@ def plan(model: Path, shards_file: Path, directions: Path, scores: Path | None, 
     tensors, _ = load_directions(directions)
     num_indices = num_layers + 1
     check_indices(tensors, num_layers, directions, model)
-    from abliterate.formats.search_result import read_chosen, search_pick
-
     searched = None
     from_search, trial = search_pick(layers)
     if from_search:
