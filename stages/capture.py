@@ -26,6 +26,8 @@ def main(
     batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 32,
     dtype: Annotated[str, typer.Option(help="Compute dtype: float32, bfloat16, float16 or auto.")] = "float32",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 or mps.")] = "auto",
+    streaming: Annotated[str, typer.Option(
+        help="on: one decoder layer in memory at a time; off: the whole model; auto: on when it does not fit.")] = "auto",
     positions: Annotated[str, typer.Option(
         help="Comma-separated negative offsets from the prompt end (-1 = last token).")] = "-1",
     system_prompt: Annotated[str, typer.Option(help="System prompt rendered before each prompt ('' = none).")] = "",
@@ -34,7 +36,7 @@ def main(
     """Capture residual-stream activations of one prompt set (one forward pass per batch, hooks)."""
     from abliterate.model.capture import capture
 
-    capture(model, prompts, out, batch_size=batch_size, dtype=dtype, device=device, positions=positions,
+    capture(model, prompts, out, batch_size=batch_size, dtype=dtype, device=device, streaming=streaming, positions=positions,
             system_prompt=system_prompt, chat_template=chat_template, report=reporter())
 
 

@@ -17,10 +17,12 @@ from abliterate.progress import PLAIN, Reporter
 
 def capture(model_dir: Path, prompts: str, out: Path, batch_size: int = 32, dtype: str = "float32",
             device: str = "auto", positions: str = "-1", system_prompt: str = "", chat_template: str = "",
-            report: Reporter = PLAIN) -> dict:
+            streaming: str = "auto", report: Reporter = PLAIN) -> dict:
     """Capture one prompt set's activations at every residual index into ``out`` (parquet).
 
-    Returns a summary dict (prompts, positions, layers, hidden size, seconds).
+    ``streaming``: ``on`` reads one decoder layer at a time (:mod:`abliterate.model.streaming`),
+    ``off`` loads the whole model, ``auto`` streams when the model does not fit the device.
+    Returns a summary dict (prompts, positions, layers, hidden size, seconds, streamed).
     """
     from abliterate.formats.activations import INDEX_CONVENTION, ActivationWriter
     from abliterate.hashing import sha256_file, sha256_text
@@ -33,6 +35,9 @@ def capture(model_dir: Path, prompts: str, out: Path, batch_size: int = 32, dtyp
         fail(f"capture batch size must be at least 1, got {batch_size}")
     modelio.torch_dtype(dtype)  # validates the name before anything slow happens
     modelio.check_model_dir(model_dir)
+    from abliterate.model.streaming import should_stream
+
+    streamed = should_stream(streaming, Path(model_dir), dtype, modelio.pick_device(device))
     texts = load_prompts(prompts)
     tokenizer = modelio.load_tokenizer(model_dir)
     template = resolve_template(tokenizer, chat_template)
@@ -45,12 +50,17 @@ def capture(model_dir: Path, prompts: str, out: Path, batch_size: int = 32, dtyp
 
     torch.manual_seed(0)
     started = time.perf_counter()
-    model = modelio.load_model(model_dir, dtype=dtype, device=device)
     config = modelio.read_config(model_dir)
+    name = Path(str(prompts)).stem
     with ActivationWriter(out) as writer:
-        with report.task(f"capture {Path(str(prompts)).stem}", total=len(sequences)) as task:
-            num_layers = capture_batches(model, sequences, offsets, batch_size, tokenizer.pad_token_id, writer.add,
-                                         on_progress=task.advance)
+        if streamed:
+            num_layers = _capture_streamed(model_dir, dtype, modelio.pick_device(device), sequences, offsets, batch_size,
+                                           tokenizer.pad_token_id, writer.add, name, Path(out).parent, report)
+        else:
+            model = modelio.load_model(model_dir, dtype=dtype, device=device)
+            with report.task(f"capture {name}", total=len(sequences)) as task:
+                num_layers = capture_batches(model, sequences, offsets, batch_size, tokenizer.pad_token_id, writer.add,
+                                             on_progress=task.advance)
         text_config = modelio.text_config(config)
         metadata = {
             "index_convention": INDEX_CONVENTION,
@@ -72,7 +82,44 @@ def capture(model_dir: Path, prompts: str, out: Path, batch_size: int = 32, dtyp
     seconds = time.perf_counter() - started
     report.message(
         f"capture: {len(texts)} prompts x {len(offsets)} position(s) x {num_layers + 1} residual indices "
-        f"(hidden {writer.hidden}) -> {out} in {seconds:.1f} s"
+        f"(hidden {writer.hidden}){', streamed layer by layer,' if streamed else ''} -> {out} in {seconds:.1f} s"
     )
     return {"prompts": len(texts), "positions": offsets, "num_layers": num_layers, "hidden_size": writer.hidden,
-            "seconds": seconds}
+            "seconds": seconds, "streamed": streamed}
+
+
+def _capture_streamed(model_dir: Path, dtype: str, device: str, sequences: list[list[int]], offsets: list[int],
+                      batch_size: int, pad_id: int, on_batch, name: str, scratch_in: Path, report: Reporter) -> int:
+    """The capture of :func:`capture` with one decoder layer in memory at a time; returns ``L``."""
+    import numpy as np
+    import torch
+
+    from abliterate.model.modelio import length_batches, pad_left
+    from abliterate.model.streaming import load_streamed, record_layer_calls, run_layers
+
+    model = load_streamed(Path(model_dir), dtype=dtype, device=device, scratch_in=scratch_in)
+    try:
+        groups = length_batches([len(s) for s in sequences], batch_size)
+        inputs, cols = [], []
+        for group in groups:
+            ids, mask, positions = pad_left([sequences[i] for i in group], pad_id, device=device)
+            inputs.append({"input_ids": ids, "attention_mask": mask, "position_ids": positions})
+            cols.append(torch.tensor([ids.shape[1] + o for o in offsets], dtype=torch.long, device=ids.device))
+        hidden, calls = record_layer_calls(model, inputs)
+        num_layers = len(model.layers)
+        size = hidden[0].shape[-1]
+        acts = [np.zeros((num_layers + 1, len(g), len(offsets), size), dtype=np.float32) for g in groups]
+        with report.task(f"capture {name} (streamed)", total=float(sum(model.layer_bytes)), unit="bytes") as task:
+            def take(i: int, states: list) -> None:
+                for b, state in enumerate(states):
+                    acts[b][i] = state.index_select(1, cols[b]).to(torch.float32).cpu().numpy()  # [B, P, H]
+                if i > 0:
+                    task.update(layer=f"layer {i}/{num_layers}")
+                    task.advance(model.layer_bytes[i - 1])
+
+            run_layers(model, hidden, calls, on_layer=take)
+        for group, batch_acts in zip(groups, acts):
+            on_batch(group, batch_acts)
+        return num_layers
+    finally:
+        model.close()

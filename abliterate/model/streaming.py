@@ -1,0 +1,246 @@
+"""Layer-streamed forward passes, for models larger than the memory of the device.
+
+The model is built by transformers itself (``from_pretrained``) with every decoder layer offloaded
+to disk: the embeddings, final norm, head and rotary tables are loaded, each layer's parameters
+stay on the meta device, and transformers records where each one lives (the checkpoint's own
+shards through their memory map; MoE experts that transformers fuses at load time are written,
+fused, to a scratch folder that :meth:`Streamed.close` deletes). So every family's weight renaming,
+fusing and de-quantization stays the library's.
+
+A pass then runs layer-major over all its batches:
+
+1. *record*: the model's own forward runs once per batch with every decoder layer replaced by a
+   recorder that keeps the arguments the model passes to it (masks, rotary tables, position ids,
+   per layer type: sliding and full attention, linear attention) and returns its input unchanged.
+   This costs the embeddings only.
+2. *stream*: for each layer in turn, its weights are read once (:meth:`Streamed.materialize`),
+   the layer runs on the hidden states of every batch with that batch's recorded arguments, and
+   its weights are dropped (:meth:`Streamed.release`).
+
+Memory: one layer's weights plus the hidden states of the whole pass, ``[B, T, H]`` per batch in
+the compute dtype (the demo, 326 prompts of about 60 tokens, hidden 576, float32: about 45 MB; a
+70B-class model, 1,000 prompts of 100 tokens, hidden 8192, bfloat16: about 1.6 GB).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from abliterate.errors import fail
+
+MODES = ("auto", "on", "off")
+MARGIN = 1.25  # stream when the weights in the compute dtype times this exceed the free memory
+
+
+@dataclass
+class Streamed:
+    """A model whose decoder layers live on disk until :meth:`materialize` brings one in."""
+
+    model: Any
+    layers: Any  # the model's ModuleList of decoder layers, parameters on the meta device
+    sources: list[dict[str, Callable[[], Any]]]  # per layer: parameter name -> reads its tensor
+    device: Any
+    scratch: Path | None = None
+    layer_bytes: list[int] = field(default_factory=list)
+
+    def materialize(self, i: int) -> None:
+        """Read layer ``i``'s weights onto the device, in the dtype the model was built with."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        layer = self.layers[i]
+        for name, read in self.sources[i].items():
+            set_module_tensor_to_device(layer, name, self.device, value=read())
+
+    def release(self, i: int) -> None:
+        """Drop layer ``i``'s weights (back to the meta device)."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name in self.sources[i]:
+            set_module_tensor_to_device(self.layers[i], name, "meta")
+
+    def close(self) -> None:
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
+
+
+def weights_bytes(model_dir: Path) -> int:
+    """Bytes of the checkpoint's tensors (the sizes of its safetensors files)."""
+    return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+
+
+def free_bytes(device: str) -> int:
+    """Memory free on ``device`` now: the GPU's free memory, else the machine's available RAM."""
+    import torch
+
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def compute_bytes(model_dir: Path, dtype: str) -> int:
+    """The checkpoint's bytes once loaded in ``dtype`` (float32 doubles a 16-bit checkpoint)."""
+    stored = weights_bytes(model_dir)
+    if dtype != "float32":
+        return stored
+    from abliterate.model.modelio import read_config, text_config
+
+    config = read_config(model_dir)
+    name = str(config.get("torch_dtype") or config.get("dtype") or text_config(config).get("dtype") or "float32")
+    return stored * 2 if name in ("bfloat16", "float16") else stored
+
+
+def should_stream(mode: str, model_dir: Path, dtype: str, device: str, free: int | None = None) -> bool:
+    """``on``/``off`` as given; ``auto`` streams when the weights in ``dtype`` (with a margin) exceed
+    the free memory of ``device`` (``free`` overrides the measurement, for tests)."""
+    if mode not in MODES:
+        fail(f"streaming must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode != "auto":
+        return mode == "on"
+    need = compute_bytes(model_dir, dtype) * MARGIN
+    return need > (free_bytes(device) if free is None else free)
+
+
+def _layers_prefix(model, layers) -> str:
+    for name, module in model.named_modules():
+        if module is layers:
+            return name
+    fail(f"cannot find the decoder layers of {type(model).__name__} by name; streaming does not support it")
+
+
+def load_streamed(model_dir: Path, dtype: str = "float32", device: str = "cpu", scratch_in: Path | None = None) -> Streamed:
+    """Build the model with its decoder layers left on disk (see the module docstring).
+
+    ``scratch_in``: where the scratch folder for tensors transformers converts at load time goes
+    (default: the system's temporary folder); put it beside the output, on a disk with room."""
+    import torch
+    from accelerate import init_empty_weights
+    from accelerate.hooks import remove_hook_from_module
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from abliterate.model.modelio import check_model_dir, decoder_layers, quiet_libraries, torch_dtype
+
+    quiet_libraries()
+    check_model_dir(model_dir)
+    config = AutoConfig.from_pretrained(str(model_dir))
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    prefix = _layers_prefix(skeleton, decoder_layers(skeleton))
+    count = len(decoder_layers(skeleton))
+    device_map: dict[str, str] = {f"{prefix}.{i}": "disk" for i in range(count)}
+    for name, _ in [*skeleton.named_parameters(), *skeleton.named_buffers()]:
+        if not name.startswith(prefix + "."):
+            device_map[name.rpartition(".")[0]] = str(device)
+    del skeleton
+    scratch = Path(tempfile.mkdtemp(prefix=".abliterate-stream-", dir=scratch_in))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype(dtype), device_map=device_map,
+                                                     offload_folder=str(scratch))
+    except Exception:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    model.eval()
+    model.requires_grad_(False)
+    layers = decoder_layers(model)
+    sources: list[dict[str, Callable[[], Any]]] = []
+    sizes = []
+    for layer in layers:
+        found: dict[str, Callable[[], Any]] = {}
+        for module_name, module in layer.named_modules():
+            hook = getattr(module, "_hf_hook", None)
+            weights = getattr(hook, "weights_map", None)
+            if weights is None:
+                continue
+            for param_name, _ in module.named_parameters(recurse=False):
+                key = f"{module_name}.{param_name}" if module_name else param_name
+                found[key] = (lambda w=weights, n=param_name: w[n])
+        remove_hook_from_module(layer, recurse=True)
+        missing = [n for n, p in layer.named_parameters() if n not in found and p.device.type == "meta"]
+        if missing:
+            fail(f"{model_dir}: transformers left {missing[0]} of a decoder layer without a source; "
+                 "streaming does not support this model: use --streaming off")
+        sources.append(found)
+        sizes.append(sum(p.numel() * p.element_size() for p in layer.parameters()))
+    return Streamed(model, layers, sources, torch.device(device), scratch, sizes)
+
+
+class _Stop(Exception):
+    """Raised by the last layer's recorder: the rest of the model's forward is not needed."""
+
+
+def record_layer_calls(streamed: Streamed, batches: list[dict]) -> tuple[list[Any], list[list[tuple]]]:
+    """Run the model's forward on each batch's inputs (``input_ids``, ``attention_mask``, ...) with
+    the decoder layers replaced by recorders.
+
+    Returns the hidden states entering layer 0 per batch (``[B, T, H]``) and, per batch and layer,
+    the ``(args, kwargs)`` the model passed to that layer besides the hidden states.
+    """
+    import torch
+
+    layers = streamed.layers
+    last = len(layers) - 1
+    calls: list[list[tuple]] = []
+    firsts: list[Any] = []
+
+    def recorder(i: int):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if i == 0:
+                firsts.append(hidden)
+            elif hidden.shape != firsts[-1].shape:
+                fail(f"{type(streamed.model).__name__} does not pass hidden states from layer to layer as a "
+                     "tensor; streaming does not support it: use --streaming off")
+            calls[-1].append((tuple(args[1:]), dict(kwargs)))
+            if i == last:
+                raise _Stop
+            return hidden
+        return forward
+
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)
+    try:
+        with torch.inference_mode():
+            for inputs in batches:
+                calls.append([])
+                try:
+                    streamed.model(**inputs, use_cache=False)
+                except _Stop:
+                    pass
+                if len(calls[-1]) != len(layers):
+                    fail(f"{type(streamed.model).__name__} did not run all {len(layers)} decoder layers; "
+                         "streaming does not support it: use --streaming off")
+    finally:
+        for layer in layers:
+            del layer.forward  # back to the class's forward
+    return firsts, calls
+
+
+def run_layers(streamed: Streamed, hidden: list[Any], calls: list[list[tuple]], on_layer=None) -> list[Any]:
+    """Stream every decoder layer over all batches: ``hidden[b]`` goes in, the last layer's output
+    comes out (per batch). ``on_layer(i, hidden)`` is called with the states entering layer ``i``
+    (and ``i == L`` with the last layer's output); hooks on the layers fire as in a normal forward."""
+    import torch
+
+    states = list(hidden)
+    with torch.inference_mode():
+        for i, layer in enumerate(streamed.layers):
+            if on_layer is not None:
+                on_layer(i, states)
+            streamed.materialize(i)
+            try:
+                for b in range(len(calls)):
+                    args_i, kwargs_i = calls[b][i]
+                    out = layer(states[b], *args_i, **kwargs_i)
+                    states[b] = out[0] if isinstance(out, tuple) else out
+            finally:
+                streamed.release(i)
+        if on_layer is not None:
+            on_layer(len(streamed.layers), states)
+    return states
