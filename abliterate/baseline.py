@@ -31,7 +31,7 @@ def check_settings(max_new_tokens: int, kl_tokens: int, batch_size: int, top_k: 
 def build_baseline(model_dir: str | Path, harmful: str, harmless: str, out: str | Path, *, max_new_tokens: int,
                    kl_tokens: int, batch_size: int, borderline: str | None = None, dtype: str = "float32",
                    device: str = "auto", system_prompt: str = "", chat_template: str = "", top_k: int = 256,
-                   report: Reporter = PLAIN) -> tuple[dict, list[dict]]:
+                   streaming: str = "auto", report: Reporter = PLAIN) -> tuple[dict, list[dict]]:
     """Generate the base model's answers, compute the KL references, write ``out``.
 
     ``harmless``: plain requests (the KL references are taken on them); ``borderline``: edgy but
@@ -40,7 +40,8 @@ def build_baseline(model_dir: str | Path, harmful: str, harmless: str, out: str 
     from abliterate.formats.baseline_table import SETS, write_baseline
     from abliterate.kl import top_k_summary
     from abliterate.model.generation import answer_logprobs, answer_text, greedy_generate, stop_ids
-    from abliterate.model.modelio import check_model_dir, load_model, load_tokenizer, pick_device
+    from abliterate.model.modelio import check_model_dir, load_tokenizer, pick_device
+    from abliterate.model.streaming import opened
     from abliterate.model.prompts import load_prompts, prompts_hash, render, resolve_template, template_hash
     from abliterate.refusal import is_refusal, refusal_stop
 
@@ -55,36 +56,36 @@ def build_baseline(model_dir: str | Path, harmful: str, harmless: str, out: str 
     index = [i for s in used for i in range(len(texts[s]))]
     prompt_ids = [ids for s in used for ids in render(tokenizer, texts[s], system_prompt, chat_template)]
     device = pick_device(device)
-    model = load_model(model_dir, dtype, device)
-    eos, pad_id = stop_ids(model, tokenizer), int(tokenizer.pad_token_id)
-    with report.task("baseline: base model answers", total=len(prompt_ids)) as task:
-        answers = greedy_generate(model, prompt_ids, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad_id,
-                                  batch_size=batch_size, device=device, advance=task.advance,
-                                  stop_early=refusal_stop(tokenizer, {i for i, s in enumerate(sets) if s != "harmless"}))
-    texts_out = [answer_text(tokenizer, a) for a in answers]
-    refused = [is_refusal(t) for t in texts_out]
+    with opened(Path(model_dir), dtype, device, streaming, "baseline", report) as model:
+        eos, pad_id = stop_ids(model, tokenizer), int(tokenizer.pad_token_id)
+        with report.task("baseline: base model answers", total=len(prompt_ids)) as task:
+            answers = greedy_generate(model, prompt_ids, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad_id,
+                                      batch_size=batch_size, device=device, advance=task.advance,
+                                      stop_early=refusal_stop(tokenizer, {i for i, s in enumerate(sets) if s != "harmless"}))
+        texts_out = [answer_text(tokenizer, a) for a in answers]
+        refused = [is_refusal(t) for t in texts_out]
 
-    harmless_rows = [i for i, s in enumerate(sets) if s == "harmless"]
-    first: dict[int, object] = {}  # row -> [vocab] fp32 numpy array
-    along: dict[int, tuple] = {}
-    with report.task("baseline: log-probabilities", total=len(harmless_rows)) as task:
-        for k, logprobs in answer_logprobs(model, [prompt_ids[i] for i in harmless_rows],
-                                           [answers[i].ids for i in harmless_rows], n_tokens=kl_tokens,
-                                           pad_id=pad_id, batch_size=batch_size, device=device):
-            row = harmless_rows[k]
-            first[row] = logprobs[0].numpy()
-            ids, values, tail = top_k_summary(logprobs, top_k)
-            along[row] = (ids.tolist(), values.tolist(), tail.tolist())
-            task.advance(1)
-    vocab = int(next(iter(first.values())).shape[0])
-    meta = {
-        "model": str(model_dir), "model_type": model.config.model_type,
-        "vocab_size": vocab, "max_new_tokens": max_new_tokens, "kl_tokens": kl_tokens, "top_k": min(top_k, vocab),
-        "dtype": dtype, "system_prompt": system_prompt, "chat_template": chat_template,
-        "template_sha256": template_hash(template), "eos_ids": eos, "pad_id": pad_id,
-        "prompts": {s: {"file": str(files[s]), "count": len(texts[s]), "sha256": prompts_hash(texts[s])}
-                    for s in used},
-    }
+        harmless_rows = [i for i, s in enumerate(sets) if s == "harmless"]
+        first: dict[int, object] = {}  # row -> [vocab] fp32 numpy array
+        along: dict[int, tuple] = {}
+        with report.task("baseline: log-probabilities", total=len(harmless_rows)) as task:
+            for k, logprobs in answer_logprobs(model, [prompt_ids[i] for i in harmless_rows],
+                                               [answers[i].ids for i in harmless_rows], n_tokens=kl_tokens,
+                                               pad_id=pad_id, batch_size=batch_size, device=device):
+                row = harmless_rows[k]
+                first[row] = logprobs[0].numpy()
+                ids, values, tail = top_k_summary(logprobs, top_k)
+                along[row] = (ids.tolist(), values.tolist(), tail.tolist())
+                task.advance(1)
+        vocab = int(next(iter(first.values())).shape[0])
+        meta = {
+            "model": str(model_dir), "model_type": model.config.model_type,
+            "vocab_size": vocab, "max_new_tokens": max_new_tokens, "kl_tokens": kl_tokens, "top_k": min(top_k, vocab),
+            "dtype": dtype, "system_prompt": system_prompt, "chat_template": chat_template,
+            "template_sha256": template_hash(template), "eos_ids": eos, "pad_id": pad_id,
+            "prompts": {s: {"file": str(files[s]), "count": len(texts[s]), "sha256": prompts_hash(texts[s])}
+                        for s in used},
+        }
     write_baseline(out, sets, index, [t for s in used for t in texts[s]], prompt_ids, answers, texts_out, refused,
                    first, along, meta)
     summary = []

@@ -37,14 +37,15 @@ HERETIC_TOKENS = 100  # ... and 100 generated tokens per harmful prompt
 
 def evaluate(model_dir: str | Path, baseline: str | Path, metrics_path: str | Path, report_path: str | Path, *,
              batch_size: int, dtype: str = "float32", device: str = "auto", compare: str | Path | None = None,
-             compare_label: str = "", report: Reporter = PLAIN) -> dict:
+             compare_label: str = "", streaming: str = "auto", report: Reporter = PLAIN) -> dict:
     """Answer the baseline's prompts with ``model_dir``, compare, write metrics and report; return metrics."""
     from abliterate.formats.atomic import write_text
     from abliterate.formats.baseline_table import read_baseline
     from abliterate.formats.metrics import write_eval_metrics
     from abliterate.kl import kl_full, kl_set_shift, kl_top_k
     from abliterate.model.generation import answer_logprobs, answer_text, greedy_generate, stop_ids
-    from abliterate.model.modelio import check_model_dir, load_model, load_tokenizer, pick_device
+    from abliterate.model.modelio import check_model_dir, load_tokenizer, pick_device
+    from abliterate.model.streaming import opened
     from abliterate.refusal import find_refusal, refusal_openers, refusal_stop
     from abliterate.report import read_compare, render_report
 
@@ -61,39 +62,39 @@ def evaluate(model_dir: str | Path, baseline: str | Path, metrics_path: str | Pa
         fail(f"cannot load the tokenizer of {model_dir} ({type(exc).__name__}); the folder needs the base "
              "model's tokenizer files (run `dvc repro` to copy them)")
     device = pick_device(device)
-    model = load_model(model_dir, dtype, device)
-    vocab = int(model.get_output_embeddings().weight.shape[0])
-    if vocab != meta["vocab_size"]:
-        fail(f"{model_dir} has a vocabulary of {vocab} tokens but the baseline {baseline} was made with "
-             f"{meta['vocab_size']}; evaluate an ablated copy of the baseline's model ({meta['model']})")
-    sets, n = rows["set"], len(rows["set"])
-    judged = {i for i in range(n) if sets[i] != "harmless"}  # harmful and borderline: only the verdict is needed
-    eos = sorted(set(meta["eos_ids"]) | set(stop_ids(model, tokenizer)))
-    with report.task("evaluate: ablated model answers", total=n) as task:
-        answers = greedy_generate(model, rows["prompt_ids"], max_new_tokens=meta["max_new_tokens"], eos_ids=eos,
-                                  pad_id=meta["pad_id"], batch_size=batch_size, device=device, advance=task.advance,
-                                  stop_early=refusal_stop(tokenizer, judged))
-    after_text = [answer_text(tokenizer, a) for a in answers]
-    before_why = [find_refusal(t) for t in rows["answer"]]
-    after_why = [find_refusal(t) for t in after_text]
+    with opened(Path(model_dir), dtype, device, streaming, "evaluate", report) as model:
+        vocab = int(model.get_output_embeddings().weight.shape[0])
+        if vocab != meta["vocab_size"]:
+            fail(f"{model_dir} has a vocabulary of {vocab} tokens but the baseline {baseline} was made with "
+                 f"{meta['vocab_size']}; evaluate an ablated copy of the baseline's model ({meta['model']})")
+        sets, n = rows["set"], len(rows["set"])
+        judged = {i for i in range(n) if sets[i] != "harmless"}  # harmful and borderline: only the verdict is needed
+        eos = sorted(set(meta["eos_ids"]) | set(stop_ids(model, tokenizer)))
+        with report.task("evaluate: ablated model answers", total=n) as task:
+            answers = greedy_generate(model, rows["prompt_ids"], max_new_tokens=meta["max_new_tokens"], eos_ids=eos,
+                                      pad_id=meta["pad_id"], batch_size=batch_size, device=device, advance=task.advance,
+                                      stop_early=refusal_stop(tokenizer, judged))
+        after_text = [answer_text(tokenizer, a) for a in answers]
+        before_why = [find_refusal(t) for t in rows["answer"]]
+        after_why = [find_refusal(t) for t in after_text]
 
-    harmless = [i for i in range(n) if sets[i] == "harmless"]
-    openers = refusal_openers(rows["answer_ids"], before_why)
-    kl_first: dict[int, float] = {}
-    kl_openers: list[float] = []
-    kl_tokens: list[float] = []
-    with report.task("evaluate: KL on plain harmless prompts", total=len(harmless)) as task:
-        for k, logprobs in answer_logprobs(model, [rows["prompt_ids"][i] for i in harmless],
-                                           [rows["answer_ids"][i] for i in harmless], n_tokens=meta["kl_tokens"],
-                                           pad_id=meta["pad_id"], batch_size=batch_size, device=device):
-            i = harmless[k]
-            kl_first[i] = kl_full(rows["first_logprobs"][i], logprobs[0])
-            kl_openers.append(kl_set_shift(rows["first_logprobs"][i], logprobs[0], openers))
-            kl_tokens += kl_top_k(rows["kl_ids"][i], rows["kl_logprobs"][i], rows["kl_tail"][i], logprobs)
-            task.advance(1)
-    metrics = compute_metrics(sets, before_why, after_why, rows["answer"], after_text, list(kl_first.values()),
-                              kl_tokens, kl_openers)
-    metrics.update(heretic_line(model, tokenizer, rows, meta, answers, kl_first, eos, batch_size, device))
+        harmless = [i for i in range(n) if sets[i] == "harmless"]
+        openers = refusal_openers(rows["answer_ids"], before_why)
+        kl_first: dict[int, float] = {}
+        kl_openers: list[float] = []
+        kl_tokens: list[float] = []
+        with report.task("evaluate: KL on plain harmless prompts", total=len(harmless)) as task:
+            for k, logprobs in answer_logprobs(model, [rows["prompt_ids"][i] for i in harmless],
+                                               [rows["answer_ids"][i] for i in harmless], n_tokens=meta["kl_tokens"],
+                                               pad_id=meta["pad_id"], batch_size=batch_size, device=device):
+                i = harmless[k]
+                kl_first[i] = kl_full(rows["first_logprobs"][i], logprobs[0])
+                kl_openers.append(kl_set_shift(rows["first_logprobs"][i], logprobs[0], openers))
+                kl_tokens += kl_top_k(rows["kl_ids"][i], rows["kl_logprobs"][i], rows["kl_tail"][i], logprobs)
+                task.advance(1)
+        metrics = compute_metrics(sets, before_why, after_why, rows["answer"], after_text, list(kl_first.values()),
+                                  kl_tokens, kl_openers)
+        metrics.update(heretic_line(model, tokenizer, rows, meta, answers, kl_first, eos, batch_size, device))
     text = render_report(rows, meta, after_text, before_why, after_why, kl_first, metrics,
                          after_stop=[a.stop for a in answers], model_dir=str(model_dir), baseline=str(baseline),
                          compare=other, openers=[tokenizer.decode([t]) for t in openers],

@@ -45,6 +45,8 @@ def main(
     batch_size: int = typer.Option(16, help="Prompts per batch."),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
+    streaming: str = typer.Option("auto", help="on: one decoder layer in memory at a time; off: the whole model; "
+                                               "auto: on when it does not fit."),
     system_prompt: str = typer.Option("", help="System prompt rendered before every prompt."),
     chat_template: str = typer.Option("", help="Jinja chat template file for models without one."),
     top_k: int = typer.Option(256, help="Tokens kept per answer position for the answer KL (a lower bound)."),
@@ -57,7 +59,7 @@ def main(
     start = time.perf_counter()
     _, summary = build_baseline(model, harmful, harmless, out, borderline=borderline or None,
                                 max_new_tokens=max_new_tokens, kl_tokens=kl_tokens,
-                                batch_size=batch_size, dtype=dtype, device=device, system_prompt=system_prompt,
+                                batch_size=batch_size, dtype=dtype, device=device, streaming=streaming, system_prompt=system_prompt,
                                 chat_template=chat_template, top_k=top_k, report=reporter())
     _log_summary(summary, time.perf_counter() - start, out)
 

@@ -41,6 +41,8 @@ def main(
     batch_size: int = typer.Option(16, help="Prompts per batch."),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
+    streaming: str = typer.Option("auto", help="on: one decoder layer in memory at a time; off: the whole model; "
+                                               "auto: on when it does not fit."),
     compare: str = typer.Option("", help="metrics/eval.json of another run, shown beside this one in the report."),
     compare_label: str = typer.Option("", help="Column title of --compare (default: its file name)."),
 ) -> None:
@@ -50,7 +52,7 @@ def main(
     from abliterate.evaluation import evaluate
 
     start = time.perf_counter()
-    result = evaluate(model, baseline, metrics, report, batch_size=batch_size, dtype=dtype, device=device,
+    result = evaluate(model, baseline, metrics, report, batch_size=batch_size, dtype=dtype, device=device, streaming=streaming,
                       compare=compare, compare_label=compare_label, report=reporter())
     _log(result, time.perf_counter() - start)
 

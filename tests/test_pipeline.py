@@ -3,7 +3,7 @@
 `dvc repro` runs every stage of the pipeline once and the result is a loadable, verified model; a
 second repro runs nothing; editing an eval prompt file reruns only baseline and evaluate; an
 experiment with another scale reruns only the writing half and shows up in `dvc exp show`; a
-local remote shares the whole pipeline (push, clone, pull: nothing to rerun).
+local remote shares the whole pipeline but the base model (push, clone, pull: nothing to rerun).
 """
 
 from __future__ import annotations
@@ -101,8 +101,11 @@ def test_remote_shares_the_whole_pipeline(project):
     dvc(root, env, "push", "-q")
     clone = tmp / "clone"
     run(["git", "clone", "-q", str(root), str(clone)], tmp, env)
-    dvc(clone, env, "pull", "-q")
-    assert (clone / "artifacts" / "model" / "abliteration.json").read_bytes() == \
-        (root / "artifacts" / "model" / "abliteration.json").read_bytes()
+    assert dvc(clone, env, "pull", "-q", check=False).returncode != 0  # models/base is not pushed (push: false)
+    dvc(clone, env, "pull", "-q", "--allow-missing")
+    assert not (clone / "models" / "base").exists()
+    for name in ("abliteration.json", *yaml.safe_load((root / "model.yaml").read_text())["shards"].values()):
+        assert (clone / "artifacts" / "model" / name).read_bytes() == (root / "artifacts" / "model" / name).read_bytes()
+    assert stages_run(dvc(clone, env, "repro", "--allow-missing")) == set()
+    assert stages_run(dvc(clone, env, "repro")) == {"base"}  # rebuilt from its source; nothing downstream
     assert stale(clone, env) == {}
-    assert stages_run(dvc(clone, env, "repro")) == set()

@@ -82,17 +82,29 @@ def test_one_layer_in_memory_and_each_read_once_per_pass(prompt_file, tmp_path, 
 
 
 def test_auto_streams_only_when_the_model_does_not_fit(tmp_path):
-    from abliterate.model.streaming import compute_bytes, should_stream, weights_bytes
+    from abliterate.model.streaming import compute_bytes, place, weights_bytes
 
     model = tiny.make_model("llama", tmp_path / "bf16", layers=2, dtype="bfloat16")
     stored = weights_bytes(model)
     assert compute_bytes(model, "float32") == 2 * stored  # a 16-bit checkpoint doubles in float32
     assert compute_bytes(model, "bfloat16") == stored
-    assert should_stream("auto", model, "float32", "cpu", free=2 * stored) is True  # no room for the margin
-    assert should_stream("auto", model, "float32", "cpu", free=3 * stored) is False
-    assert should_stream("auto", model, "bfloat16", "cpu", free=2 * stored) is False
-    assert should_stream("on", model, "float32", "cpu", free=10**15) is True
-    assert should_stream("off", model, "float32", "cpu", free=0) is False
+    assert place("auto", model, "float32", "cpu", free=[2 * stored]) == "stream"  # no room for the margin
+    assert place("auto", model, "float32", "cpu", free=[3 * stored]) == "one"
+    assert place("auto", model, "bfloat16", "cpu", free=[2 * stored]) == "one"
+    assert place("on", model, "float32", "cpu", free=[10**15]) == "stream"
+    assert place("off", model, "float32", "cpu", free=[0]) == "one"
+
+
+def test_several_gpus_take_a_model_too_big_for_one():
+    from abliterate.model.streaming import placement
+
+    gb = 1 << 30
+    assert placement("auto", 100 * gb, [80 * gb, 80 * gb]) == "spread"  # 125 GB with the margin: two GPUs
+    assert placement("auto", 100 * gb, [140 * gb, 80 * gb]) == "one"
+    assert placement("auto", 100 * gb, [60 * gb, 60 * gb]) == "stream"  # not even across both
+    assert placement("auto", 100 * gb, [80 * gb]) == "stream"
+    assert placement("off", 100 * gb, [60 * gb, 60 * gb]) == "spread"  # in memory if it fits at all
+    assert placement("on", 1, [80 * gb, 80 * gb]) == "stream"
 
 
 def test_a_bad_streaming_mode_is_one_line(tmp_path, prompt_file, capsys):
@@ -104,3 +116,52 @@ def test_a_bad_streaming_mode_is_one_line(tmp_path, prompt_file, capsys):
     assert code != 0
     assert error_line(err) == "error: streaming must be one of auto, on, off, got 'maybe'"
     assert not (tmp_path / "a.parquet").exists()
+
+
+SETS = {"harmful": HARMFUL, "harmless": HARMLESS[:4], "borderline": ["How do I kill a stuck process?", "Hi"]}
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt_oss", "qwen3_moe", "qwen3_next"])
+def test_streamed_baseline_and_evaluate_equal_in_memory(tmp_path, family):
+    from abliterate.baseline import build_baseline
+    from abliterate.evaluation import evaluate
+    from abliterate.formats.baseline_table import read_baseline
+    from abliterate.progress import Silent
+
+    base = tiny.make_model(family, tmp_path / "base", layers=3)
+    other = tiny.make_model(family, tmp_path / "other", layers=3, seed=1)  # stands for an ablated copy
+    files = {name: str(write_lines(tmp_path / f"{name}.txt", lines)) for name, lines in SETS.items()}
+    settings = dict(max_new_tokens=6, kl_tokens=3, batch_size=2, dtype="float32", device="cpu", top_k=8,
+                    report=Silent())
+    tables, metrics = {}, {}
+    for mode in ("off", "on"):
+        build_baseline(base, files["harmful"], files["harmless"], tmp_path / f"{mode}.parquet",
+                       borderline=files["borderline"], streaming=mode, **settings)
+        tables[mode] = read_baseline(tmp_path / f"{mode}.parquet")[0]
+        metrics[mode] = evaluate(other, tmp_path / "off.parquet", tmp_path / f"{mode}.json", tmp_path / f"{mode}.md",
+                                 batch_size=3, dtype="float32", device="cpu", streaming=mode, report=Silent())
+    assert tables["on"]["answer_ids"] == tables["off"]["answer_ids"]
+    pairs = [(a, b) for a, b in zip(tables["off"]["first_logprobs"], tables["on"]["first_logprobs"]) if a is not None]
+    assert len(pairs) == len(SETS["harmless"])
+    for a, b in pairs:
+        assert np.allclose(a, b, rtol=0, atol=1e-4)
+    assert metrics["on"].keys() == metrics["off"].keys() and metrics["off"]["kl_first_token"] > 0
+    for key, value in metrics["off"].items():
+        assert metrics["on"][key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
+
+
+def test_generation_reads_each_layer_once_per_token_for_all_batches(tmp_path):
+    from abliterate.model.generation import greedy_generate
+    from abliterate.model.modelio import load_model
+    from abliterate.model.streaming import opened
+    from abliterate.progress import Silent
+
+    model_dir = tiny.make_model("qwen2", tmp_path / "model", layers=3)
+    prompts = [[256, *range(40, 40 + n)] for n in (3, 5, 5, 8, 9, 12, 13)]
+    settings = dict(max_new_tokens=5, eos_ids=[], pad_id=258, batch_size=2, device="cpu")
+    expected = greedy_generate(load_model(model_dir, device="cpu"), prompts, **settings)
+    with opened(model_dir, "float32", "cpu", "on", "test", Silent()) as model:
+        got = greedy_generate(model, prompts, **settings)
+        reads = model.abliterate_sweep.reads
+    assert got == expected
+    assert reads == 3 * 5  # 3 layers x (the prompt pass + 4 steps); batch after batch would read 4x as many

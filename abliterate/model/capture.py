@@ -35,9 +35,10 @@ def capture(model_dir: Path, prompts: str, out: Path, batch_size: int = 32, dtyp
         fail(f"capture batch size must be at least 1, got {batch_size}")
     modelio.torch_dtype(dtype)  # validates the name before anything slow happens
     modelio.check_model_dir(model_dir)
-    from abliterate.model.streaming import should_stream
+    from abliterate.model.streaming import place
 
-    streamed = should_stream(streaming, Path(model_dir), dtype, modelio.pick_device(device))
+    where = place(streaming, Path(model_dir), dtype, modelio.pick_device(device))
+    streamed = where == "stream"
     texts = load_prompts(prompts)
     tokenizer = modelio.load_tokenizer(model_dir)
     template = resolve_template(tokenizer, chat_template)
@@ -57,7 +58,7 @@ def capture(model_dir: Path, prompts: str, out: Path, batch_size: int = 32, dtyp
             num_layers = _capture_streamed(model_dir, dtype, modelio.pick_device(device), sequences, offsets, batch_size,
                                            tokenizer.pad_token_id, writer.add, name, Path(out).parent, report)
         else:
-            model = modelio.load_model(model_dir, dtype=dtype, device=device)
+            model = modelio.load_model(model_dir, dtype=dtype, device=device, spread=where == "spread")
             with report.task(f"capture {name}", total=len(sequences)) as task:
                 num_layers = capture_batches(model, sequences, offsets, batch_size, tokenizer.pad_token_id, writer.add,
                                              on_progress=task.advance)

@@ -118,9 +118,15 @@ def _returned_cache(out):
 def greedy_generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: list[int], pad_id: int,
                     batch_size: int, device: str = "cpu", stop_early: StopTest | None = None,
                     advance: Callable[[int], None] | None = None) -> list[Generated]:
-    """Greedy answers to every prompt, in batches of similar length; ``advance(n)`` after each batch."""
+    """Greedy answers to every prompt, in batches of similar length; ``advance(n)`` after each batch.
+
+    On a streamed model the batches run layer-major (:mod:`abliterate.model.sweep`): one read of
+    the weights per generated token for the whole set."""
+    from abliterate.model.sweep import each_batch
+
     answers: list[Generated | None] = [None] * len(prompts)
-    for batch in length_batches([len(p) for p in prompts], batch_size):
+
+    def work(batch: list[int]) -> None:
         grown: dict[int, list[int]] = {b: [] for b in range(len(batch))}
         for rows, tokens, ended in iter_greedy(model, [prompts[i] for i in batch], max_new_tokens=max_new_tokens,
                                                eos_ids=eos_ids, pad_id=pad_id, device=device,
@@ -132,6 +138,8 @@ def greedy_generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos
                 answers[batch[row]] = Generated(ids=grown[row], stop=reason)
         if advance is not None:
             advance(len(batch))
+
+    each_batch(model, [lambda b=b: work(b) for b in length_batches([len(p) for p in prompts], batch_size)])
     return [a if a is not None else Generated(ids=[], stop="length") for a in answers]
 
 
@@ -140,13 +148,16 @@ def answer_logprobs(model, prompts: list[list[int]], answers: list[list[int]], *
     """Teacher-forced next-token log-probabilities along each answer; yields ``(index, [n, vocab])``.
 
     ``n = min(n_tokens, len(answer))`` but at least 1 (row 0 is the first-token distribution,
-    defined even for an empty answer). Returned tensors are fp32 on the CPU.
-    """
+    defined even for an empty answer). Returned tensors are fp32 on the CPU. On a streamed model
+    the batches run layer-major, and the order of the items is the sweep's."""
     import torch
+
+    from abliterate.model.sweep import each_batch_items
 
     counts = [max(1, min(n_tokens, len(a))) for a in answers]
     sequences = [list(p) + list(a[: n - 1]) for p, a, n in zip(prompts, answers, counts)]
-    for batch in length_batches([len(s) for s in sequences], batch_size):
+
+    def work(batch: list[int]) -> Iterator[tuple[int, object]]:
         ids, mask, positions = pad_left([sequences[i] for i in batch], pad_id, device)
         keep = max(counts[i] for i in batch)
         with torch.inference_mode():
@@ -155,3 +166,6 @@ def answer_logprobs(model, prompts: list[list[int]], answers: list[list[int]], *
             logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
         for row, index in enumerate(batch):
             yield index, logprobs[row, keep - counts[index]:, :].clone()  # [n, vocab]
+
+    yield from each_batch_items(model, [lambda b=b: work(b)
+                                        for b in length_batches([len(s) for s in sequences], batch_size)])

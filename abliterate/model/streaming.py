@@ -24,10 +24,13 @@ the compute dtype (the demo, 326 prompts of about 60 tokens, hidden 576, float32
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Callable
 
 from abliterate.errors import fail
@@ -73,16 +76,17 @@ def weights_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
 
 
-def free_bytes(device: str) -> int:
-    """Memory free on ``device`` now: the GPU's free memory, else the machine's available RAM."""
+def free_bytes(device: str) -> list[int]:
+    """Memory free now on each device that ``device`` may use: every visible GPU for ``cuda``
+    (one for ``cuda:N``), else the machine's available RAM."""
     import torch
 
     if device.startswith("cuda"):
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return int(free)
+        indices = [int(device.split(":")[1])] if ":" in device else list(range(torch.cuda.device_count()))
+        return [int(torch.cuda.mem_get_info(torch.device("cuda", i))[0]) for i in indices]
     import psutil
 
-    return int(psutil.virtual_memory().available)
+    return [int(psutil.virtual_memory().available)]
 
 
 def compute_bytes(model_dir: Path, dtype: str) -> int:
@@ -97,15 +101,52 @@ def compute_bytes(model_dir: Path, dtype: str) -> int:
     return stored * 2 if name in ("bfloat16", "float16") else stored
 
 
-def should_stream(mode: str, model_dir: Path, dtype: str, device: str, free: int | None = None) -> bool:
-    """``on``/``off`` as given; ``auto`` streams when the weights in ``dtype`` (with a margin) exceed
-    the free memory of ``device`` (``free`` overrides the measurement, for tests)."""
+def placement(mode: str, need: int, free: list[int]) -> str:
+    """Where a model of ``need`` bytes goes, given the free bytes of each usable device: ``one``
+    (the first device), ``spread`` (layers placed over several GPUs) or ``stream`` (one layer at a
+    time). ``on`` always streams; ``off`` never does; ``auto`` keeps a margin of :data:`MARGIN`."""
     if mode not in MODES:
         fail(f"streaming must be one of {', '.join(MODES)}, got {mode!r}")
-    if mode != "auto":
-        return mode == "on"
-    need = compute_bytes(model_dir, dtype) * MARGIN
-    return need > (free_bytes(device) if free is None else free)
+    wanted = need * (MARGIN if mode == "auto" else 1.0)
+    fits_one, fits_all = wanted <= free[0], len(free) > 1 and wanted <= sum(free)
+    if mode == "on" or (mode == "auto" and not fits_one and not fits_all):
+        return "stream"
+    return "spread" if not fits_one and fits_all else "one"
+
+
+def place(mode: str, model_dir: Path, dtype: str, device: str, free: list[int] | None = None) -> str:
+    """:func:`placement` of the model in ``model_dir`` on ``device`` (``free`` replaces the measurement, for tests)."""
+    if mode not in MODES:
+        fail(f"streaming must be one of {', '.join(MODES)}, got {mode!r}")
+    return placement(mode, compute_bytes(model_dir, dtype), free_bytes(device) if free is None else free)
+
+
+@contextlib.contextmanager
+def opened(model_dir: Path, dtype: str, device: str, mode: str, label: str, report=None) -> Iterator[Any]:
+    """The model for a stage's passes: loaded on one device, spread over the GPUs, or streamed
+    (``model.abliterate_sweep`` set, so that :mod:`abliterate.model.generation` runs it layer-major;
+    a progress task counts the layers read). Scratch files are removed on the way out."""
+    from abliterate.model.modelio import load_model
+    from abliterate.model.sweep import install
+    from abliterate.progress import PLAIN
+
+    where = place(mode, Path(model_dir), dtype, device)
+    if where != "stream":
+        yield load_model(model_dir, dtype, device, spread=where == "spread")
+        return
+    streamed = load_streamed(Path(model_dir), dtype=dtype, device=device)
+    sweep = install(streamed)
+    total = len(streamed.layers)
+    try:
+        with (report or PLAIN).task(f"{label}: layers read, streamed", unit="bytes") as task:
+            def on_read(i: int, size: int) -> None:
+                task.update(layer=f"layer {i + 1}/{total}")
+                task.advance(size)
+
+            sweep.on_read = on_read
+            yield streamed.model
+    finally:
+        streamed.close()
 
 
 def _layers_prefix(model, layers) -> str:
@@ -140,6 +181,7 @@ def load_streamed(model_dir: Path, dtype: str = "float32", device: str = "cpu", 
             device_map[name.rpartition(".")[0]] = str(device)
     del skeleton
     scratch = Path(tempfile.mkdtemp(prefix=".abliterate-stream-", dir=scratch_in))
+    logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)  # "parameters on the meta device": meant
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype(dtype), device_map=device_map,
                                                      offload_folder=str(scratch))
