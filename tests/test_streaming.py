@@ -165,3 +165,15 @@ def test_generation_reads_each_layer_once_per_token_for_all_batches(tmp_path):
         reads = model.abliterate_sweep.reads
     assert got == expected
     assert reads == 3 * 5  # 3 layers x (the prompt pass + 4 steps); batch after batch would read 4x as many
+
+
+def test_search_says_in_one_line_that_it_needs_the_model_in_memory(tmp_path, monkeypatch):
+    from abliterate.errors import UserError
+    from abliterate.model import streaming, study
+
+    model = tiny.make_model("llama", tmp_path / "model", layers=1)
+    study._check_fits(model, "float32", "cpu")  # fits: nothing to say
+    monkeypatch.setattr(streaming, "free_bytes", lambda device: [1024])
+    with pytest.raises(UserError, match=r"^search needs the model in memory \(0\.0 GB in float32, 0\.0 GB free on cpu\); "
+                                        r"set search.trials: 0"):
+        study._check_fits(model, "float32", "cpu")

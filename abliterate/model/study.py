@@ -23,6 +23,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from abliterate.errors import fail
 from abliterate.records import AblationOptions
 from abliterate.progress import PLAIN, Reporter
 
@@ -75,6 +76,7 @@ class Study:
         harmful_ids = render(tokenizer, self.sets.harmful, system_prompt, chat_template)
         harmless_ids = render(tokenizer, self.sets.harmless, system_prompt, chat_template)
         device = pick_device(device)
+        _check_fits(Path(model_dir), dtype, device)
         model = load_model(model_dir, dtype, device)
         confirm_ids = render(tokenizer, self.sets.confirm, system_prompt, chat_template)
         self.scorer = Scorer(model, tokenizer, harmful_ids, harmless_ids, batch_size=batch_size, device=device,
@@ -285,3 +287,13 @@ class Study:
 
     def close(self) -> None:
         self.editor.close()
+
+
+def _check_fits(model_dir: Path, dtype: str, device: str) -> None:
+    """The search edits the loaded weights in place trial after trial: it needs the model in memory."""
+    from abliterate.model.streaming import compute_bytes, free_bytes, place
+
+    if place("auto", model_dir, dtype, device) == "stream":
+        fail(f"search needs the model in memory ({compute_bytes(model_dir, dtype) / 2**30:.1f} GB in {dtype}, "
+             f"{free_bytes(device)[0] / 2**30:.1f} GB free on {device}); set search.trials: 0 (the default ablation "
+             "needs no search), or run it where the model fits (capture, baseline and evaluate stream)")
