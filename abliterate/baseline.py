@@ -56,12 +56,13 @@ def build_baseline(model_dir: str | Path, harmful: str, harmless: str, out: str 
     index = [i for s in used for i in range(len(texts[s]))]
     prompt_ids = [ids for s in used for ids in render(tokenizer, texts[s], system_prompt, chat_template)]
     device = pick_device(device)
-    with opened(Path(model_dir), dtype, device, streaming, "baseline", report) as model:
+    with opened(Path(model_dir), dtype, device, streaming, "baseline", report, Path(out).parent) as model:
         eos, pad_id = stop_ids(model, tokenizer), int(tokenizer.pad_token_id)
+        judged = {i for i, s in enumerate(sets) if s != "harmless"}  # harmful and borderline: only the verdict
         with report.task("baseline: base model answers", total=len(prompt_ids)) as task:
             answers = greedy_generate(model, prompt_ids, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad_id,
                                       batch_size=batch_size, device=device, advance=task.advance,
-                                      stop_early=refusal_stop(tokenizer, {i for i, s in enumerate(sets) if s != "harmless"}))
+                                      stop_early=refusal_stop(tokenizer, judged))
         texts_out = [answer_text(tokenizer, a) for a in answers]
         refused = [is_refusal(t) for t in texts_out]
 

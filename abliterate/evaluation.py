@@ -62,7 +62,8 @@ def evaluate(model_dir: str | Path, baseline: str | Path, metrics_path: str | Pa
         fail(f"cannot load the tokenizer of {model_dir} ({type(exc).__name__}); the folder needs the base "
              "model's tokenizer files (run `dvc repro` to copy them)")
     device = pick_device(device)
-    with opened(Path(model_dir), dtype, device, streaming, "evaluate", report) as model:
+    with opened(Path(model_dir), dtype, device, streaming, "evaluate", report,
+                Path(metrics_path).parent) as model:
         vocab = int(model.get_output_embeddings().weight.shape[0])
         if vocab != meta["vocab_size"]:
             fail(f"{model_dir} has a vocabulary of {vocab} tokens but the baseline {baseline} was made with "

@@ -52,8 +52,8 @@ def main(
     from abliterate.evaluation import evaluate
 
     start = time.perf_counter()
-    result = evaluate(model, baseline, metrics, report, batch_size=batch_size, dtype=dtype, device=device, streaming=streaming,
-                      compare=compare, compare_label=compare_label, report=reporter())
+    result = evaluate(model, baseline, metrics, report, batch_size=batch_size, dtype=dtype, device=device,
+                      streaming=streaming, compare=compare, compare_label=compare_label, report=reporter())
     _log(result, time.perf_counter() - start)
 
 

@@ -7,7 +7,10 @@ shards through their memory map; MoE experts that transformers fuses at load tim
 fused, to a scratch folder that :meth:`Streamed.close` deletes). So every family's weight renaming,
 fusing and de-quantization stays the library's.
 
-A pass then runs layer-major over all its batches:
+Placement (:func:`placement`): one device, layers spread over several GPUs, or streamed.
+:func:`opened` gives baseline and evaluate their model (a streamed one runs generation and
+teacher forcing layer-major through :mod:`abliterate.model.sweep`). A capture pass
+(:func:`record_layer_calls`, :func:`run_layers`) runs layer-major over all its batches:
 
 1. *record*: the model's own forward runs once per batch with every decoder layer replaced by a
    recorder that keeps the arguments the model passes to it (masks, rotary tables, position ids,
@@ -76,14 +79,40 @@ def weights_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
 
 
+BUDGET_VARIABLE = "ABLITERATE_MEMORY_BUDGET"  # e.g. 16GB: the memory auto placement may count on, per device
+
+
+def parse_size(text: str) -> int:
+    """``"16GB"``, ``"512MB"``, ``"64kB"`` or a byte count -> bytes (powers of 1024)."""
+    units = {"kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "tb": 1 << 40, "b": 1}
+    clean = text.strip().lower()
+    for unit, size in units.items():
+        if clean.endswith(unit):
+            try:
+                return int(float(clean[: -len(unit)]) * size)
+            except ValueError:
+                break
+    if clean.isdigit():
+        return int(clean)
+    fail(f"{BUDGET_VARIABLE}={text!r} is not a size; give bytes or a number with kB, MB, GB or TB")
+
+
 def free_bytes(device: str) -> list[int]:
     """Memory free now on each device that ``device`` may use: every visible GPU for ``cuda``
-    (one for ``cuda:N``), else the machine's available RAM."""
+    (one for ``cuda:N``), else the machine's available RAM; :data:`BUDGET_VARIABLE` caps each."""
+    import os
+
     import torch
+
+    budget = os.environ.get(BUDGET_VARIABLE, "").strip()
+    cap = parse_size(budget) if budget else None
+    if cap is not None and not device.startswith("cuda"):
+        return [cap]
 
     if device.startswith("cuda"):
         indices = [int(device.split(":")[1])] if ":" in device else list(range(torch.cuda.device_count()))
-        return [int(torch.cuda.mem_get_info(torch.device("cuda", i))[0]) for i in indices]
+        free = [int(torch.cuda.mem_get_info(torch.device("cuda", i))[0]) for i in indices]
+        return free if cap is None else [min(f, cap) for f in free]
     import psutil
 
     return [int(psutil.virtual_memory().available)]
@@ -122,10 +151,12 @@ def place(mode: str, model_dir: Path, dtype: str, device: str, free: list[int] |
 
 
 @contextlib.contextmanager
-def opened(model_dir: Path, dtype: str, device: str, mode: str, label: str, report=None) -> Iterator[Any]:
+def opened(model_dir: Path, dtype: str, device: str, mode: str, label: str, report=None,
+           scratch_in: Path | None = None) -> Iterator[Any]:
     """The model for a stage's passes: loaded on one device, spread over the GPUs, or streamed
     (``model.abliterate_sweep`` set, so that :mod:`abliterate.model.generation` runs it layer-major;
-    a progress task counts the layers read). Scratch files are removed on the way out."""
+    a progress task counts the layers read). Scratch files (in ``scratch_in``, see
+    :func:`load_streamed`) are removed on the way out."""
     from abliterate.model.modelio import load_model
     from abliterate.model.sweep import install
     from abliterate.progress import PLAIN
@@ -134,7 +165,7 @@ def opened(model_dir: Path, dtype: str, device: str, mode: str, label: str, repo
     if where != "stream":
         yield load_model(model_dir, dtype, device, spread=where == "spread")
         return
-    streamed = load_streamed(Path(model_dir), dtype=dtype, device=device)
+    streamed = load_streamed(Path(model_dir), dtype=dtype, device=device, scratch_in=scratch_in)
     sweep = install(streamed)
     total = len(streamed.layers)
     try:
@@ -156,6 +187,26 @@ def _layers_prefix(model, layers) -> str:
     fail(f"cannot find the decoder layers of {type(model).__name__} by name; streaming does not support it")
 
 
+def _fixed_mmap_threshold() -> None:
+    """Keep glibc returning freed layer weights to the system.
+
+    glibc raises its mmap threshold each time a large block is freed (up to 32 MB), after which
+    blocks that size come from the heap and stay in the process once freed: a streamed pass then
+    grows by about a layer's worth of tensors below 32 MB (measured: peak RSS 2.1 GB instead of
+    1.4 GB on bench/streaming.py's 4.2 GB model). A fixed threshold of 1 MB stops that; elsewhere
+    (no glibc) nothing changes."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        ctypes.CDLL(name).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def load_streamed(model_dir: Path, dtype: str = "float32", device: str = "cpu", scratch_in: Path | None = None) -> Streamed:
     """Build the model with its decoder layers left on disk (see the module docstring).
 
@@ -170,6 +221,7 @@ def load_streamed(model_dir: Path, dtype: str = "float32", device: str = "cpu", 
 
     quiet_libraries()
     check_model_dir(model_dir)
+    _fixed_mmap_threshold()
     config = AutoConfig.from_pretrained(str(model_dir))
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
