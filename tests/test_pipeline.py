@@ -109,3 +109,22 @@ def test_remote_shares_the_whole_pipeline(project):
     assert stages_run(dvc(clone, env, "repro", "--allow-missing")) == set()
     assert stages_run(dvc(clone, env, "repro")) == {"base"}  # rebuilt from its source; nothing downstream
     assert stale(clone, env) == {}
+
+
+def test_a_model_larger_than_the_memory_budget_streams_end_to_end(project, tmp_path):
+    """With a memory budget smaller than the model, `dvc repro` streams capture, baseline and evaluate,
+    and writes what the in-memory run writes."""
+    env = dict(project["env"], ABLITERATE_MEMORY_BUDGET="64kB")
+    params = {"evaluate.max-new-tokens": 8, "evaluate.kl-tokens": 4, "ablate.layers": "0-2"}
+    root = make_project(tmp_path, project["tmp"] / "source-model", env, params=params)
+    result = dvc(root, env, "repro")
+    said = result.stdout + result.stderr
+    assert said.count("streamed layer by layer") == 2  # both captures
+    assert "baseline: layers read, streamed" in said and "evaluate: layers read, streamed" in said
+    run([sys.executable, "-m", "stages.verify", "models/base", "artifacts/model"], root, env)
+    names = ("artifacts/directions.safetensors", "artifacts/baseline.parquet", "metrics/eval.json")
+    streamed = {name: (root / name).read_bytes() for name in names}
+    again = dvc(root, project["env"], "repro", "-f")  # the same project, in memory
+    assert "streamed" not in again.stdout + again.stderr
+    for name in names:
+        assert (root / name).read_bytes() == streamed[name], name

@@ -177,3 +177,17 @@ def test_search_says_in_one_line_that_it_needs_the_model_in_memory(tmp_path, mon
     with pytest.raises(UserError, match=r"^search needs the model in memory \(0\.0 GB in float32, 0\.0 GB free on cpu\); "
                                         r"set search.trials: 0"):
         study._check_fits(model, "float32", "cpu")
+
+
+def test_a_memory_budget_caps_what_auto_counts_on(tmp_path, monkeypatch):
+    from abliterate.errors import UserError
+    from abliterate.model.streaming import free_bytes, parse_size, place
+
+    assert [parse_size(t) for t in ("64kB", "1.5GB", "2048", "3 MB")] == [65536, 3 << 29, 2048, 3 << 20]
+    model = tiny.make_model("llama", tmp_path / "model", layers=1)
+    assert place("auto", model, "float32", "cpu") == "one"
+    monkeypatch.setenv("ABLITERATE_MEMORY_BUDGET", "64kB")
+    assert free_bytes("cpu") == [65536] and place("auto", model, "float32", "cpu") == "stream"
+    monkeypatch.setenv("ABLITERATE_MEMORY_BUDGET", "lots")
+    with pytest.raises(UserError, match="ABLITERATE_MEMORY_BUDGET='lots' is not a size"):
+        free_bytes("cpu")
