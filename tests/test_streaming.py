@@ -191,3 +191,18 @@ def test_a_memory_budget_caps_what_auto_counts_on(tmp_path, monkeypatch):
     monkeypatch.setenv("ABLITERATE_MEMORY_BUDGET", "lots")
     with pytest.raises(UserError, match="ABLITERATE_MEMORY_BUDGET='lots' is not a size"):
         free_bytes("cpu")
+
+
+def test_a_spread_model_computes_what_a_loaded_one_does(tmp_path):
+    import torch
+
+    from abliterate.model.modelio import load_model
+    from abliterate.model.streaming import load_spread
+
+    model_dir = tiny.make_model("qwen2", tmp_path / "model", layers=2)
+    ids = torch.tensor([[256, 40, 41, 42, 43]])
+    with torch.no_grad():
+        expected = load_model(model_dir, device="cpu")(ids).logits
+        spread = load_spread(model_dir, "float32")  # on a machine without GPUs, accelerate places it on the CPU
+        assert hasattr(spread, "hf_device_map")
+        assert torch.equal(spread(ids).logits, expected)

@@ -35,7 +35,7 @@ def capture(model_dir: Path, prompts: str, out: Path, batch_size: int = 32, dtyp
         fail(f"capture batch size must be at least 1, got {batch_size}")
     modelio.torch_dtype(dtype)  # validates the name before anything slow happens
     modelio.check_model_dir(model_dir)
-    from abliterate.model.streaming import place
+    from abliterate.model.streaming import load_spread, place
 
     where = place(streaming, Path(model_dir), dtype, modelio.pick_device(device))
     streamed = where == "stream"
@@ -58,7 +58,8 @@ def capture(model_dir: Path, prompts: str, out: Path, batch_size: int = 32, dtyp
             num_layers = _capture_streamed(model_dir, dtype, modelio.pick_device(device), sequences, offsets, batch_size,
                                            tokenizer.pad_token_id, writer.add, name, Path(out).parent, report)
         else:
-            model = modelio.load_model(model_dir, dtype=dtype, device=device, spread=where == "spread")
+            model = (load_spread(Path(model_dir), dtype) if where == "spread"
+                     else modelio.load_model(model_dir, dtype=dtype, device=device))
             with report.task(f"capture {name}", total=len(sequences)) as task:
                 num_layers = capture_batches(model, sequences, offsets, batch_size, tokenizer.pad_token_id, writer.add,
                                              on_progress=task.advance)

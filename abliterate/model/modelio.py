@@ -115,18 +115,15 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
-def load_model(path: str | Path, dtype: str = "float32", device: str = "auto", spread: bool = False):
-    """Load a causal LM for inference (eval mode, no grad needed) on ``device``; with ``spread``,
-    its layers placed over every visible GPU by accelerate's device map (inputs go to the first)."""
+def load_model(path: str | Path, dtype: str = "float32", device: str = "auto"):
+    """Load a causal LM for inference (eval mode, no grad needed) on ``device``."""
     quiet_libraries()
+    import torch
     from transformers import AutoModelForCausalLM
 
     check_model_dir(path)
-    if spread:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype), device_map="auto")
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype))
-        model.to(pick_device(device))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype))
+    model.to(pick_device(device))
     model.eval()
     model.requires_grad_(False)
     return model

@@ -150,6 +150,21 @@ def place(mode: str, model_dir: Path, dtype: str, device: str, free: list[int] |
     return placement(mode, compute_bytes(model_dir, dtype), free_bytes(device) if free is None else free)
 
 
+def load_spread(model_dir: Path, dtype: str):
+    """The model with its layers placed over every visible GPU by accelerate's device map (inputs go
+    to the first); eval mode, no gradients."""
+    from transformers import AutoModelForCausalLM
+
+    from abliterate.model.modelio import check_model_dir, quiet_libraries, torch_dtype
+
+    quiet_libraries()
+    check_model_dir(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype(dtype), device_map="auto")
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
 @contextlib.contextmanager
 def opened(model_dir: Path, dtype: str, device: str, mode: str, label: str, report=None,
            scratch_in: Path | None = None) -> Iterator[Any]:
@@ -163,7 +178,7 @@ def opened(model_dir: Path, dtype: str, device: str, mode: str, label: str, repo
 
     where = place(mode, Path(model_dir), dtype, device)
     if where != "stream":
-        yield load_model(model_dir, dtype, device, spread=where == "spread")
+        yield load_spread(model_dir, dtype) if where == "spread" else load_model(model_dir, dtype, device)
         return
     streamed = load_streamed(Path(model_dir), dtype=dtype, device=device, scratch_in=scratch_in)
     sweep = install(streamed)
