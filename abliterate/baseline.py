@@ -29,7 +29,7 @@ def check_settings(max_new_tokens: int, kl_tokens: int, batch_size: int, top_k: 
 
 
 def build_baseline(model_dir: str | Path, harmful: str, harmless: str, out: str | Path, *, max_new_tokens: int,
-                   kl_tokens: int, batch_size: int, borderline: str | None = None, dtype: str = "float32",
+                   kl_tokens: int, batch_size: int, borderline: str | None = None, dtype: str = "auto",
                    device: str = "auto", system_prompt: str = "", chat_template: str = "", top_k: int = 256,
                    streaming: str = "auto", report: Reporter = PLAIN) -> tuple[dict, list[dict]]:
     """Generate the base model's answers, compute the KL references, write ``out``.
@@ -41,7 +41,7 @@ def build_baseline(model_dir: str | Path, harmful: str, harmless: str, out: str 
     from abliterate.kl import top_k_summary
     from abliterate.model.generation import answer_logprobs, answer_text, greedy_generate, stop_ids
     from abliterate.model.modelio import check_model_dir, load_tokenizer, pick_device
-    from abliterate.model.streaming import opened
+    from abliterate.model.streaming import opened, resolve_dtype
     from abliterate.model.prompts import load_prompts, prompts_hash, render, resolve_template, template_hash
     from abliterate.refusal import is_refusal, refusal_stop
 
@@ -56,6 +56,7 @@ def build_baseline(model_dir: str | Path, harmful: str, harmless: str, out: str 
     index = [i for s in used for i in range(len(texts[s]))]
     prompt_ids = [ids for s in used for ids in render(tokenizer, texts[s], system_prompt, chat_template)]
     device = pick_device(device)
+    dtype = resolve_dtype(dtype, device, Path(model_dir))
     with opened(Path(model_dir), dtype, device, streaming, "baseline", report, Path(out).parent) as model:
         eos, pad_id = stop_ids(model, tokenizer), int(tokenizer.pad_token_id)
         judged = {i for i, s in enumerate(sets) if s != "harmless"}  # harmful and borderline: only the verdict

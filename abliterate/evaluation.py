@@ -36,7 +36,7 @@ HERETIC_TOKENS = 100  # ... and 100 generated tokens per harmful prompt
 
 
 def evaluate(model_dir: str | Path, baseline: str | Path, metrics_path: str | Path, report_path: str | Path, *,
-             batch_size: int, dtype: str = "float32", device: str = "auto", compare: str | Path | None = None,
+             batch_size: int, dtype: str = "auto", device: str = "auto", compare: str | Path | None = None,
              compare_label: str = "", streaming: str = "auto", report: Reporter = PLAIN) -> dict:
     """Answer the baseline's prompts with ``model_dir``, compare, write metrics and report; return metrics."""
     from abliterate.formats.atomic import write_text
@@ -45,7 +45,7 @@ def evaluate(model_dir: str | Path, baseline: str | Path, metrics_path: str | Pa
     from abliterate.kl import kl_full, kl_set_shift, kl_top_k
     from abliterate.model.generation import answer_logprobs, answer_text, greedy_generate, stop_ids
     from abliterate.model.modelio import check_model_dir, load_tokenizer, pick_device
-    from abliterate.model.streaming import opened
+    from abliterate.model.streaming import opened, resolve_dtype
     from abliterate.refusal import find_refusal, refusal_openers, refusal_stop
     from abliterate.report import read_compare, render_report
 
@@ -62,6 +62,7 @@ def evaluate(model_dir: str | Path, baseline: str | Path, metrics_path: str | Pa
         fail(f"cannot load the tokenizer of {model_dir} ({type(exc).__name__}); the folder needs the base "
              "model's tokenizer files (run `dvc repro` to copy them)")
     device = pick_device(device)
+    dtype = resolve_dtype(dtype, device, Path(model_dir))
     with opened(Path(model_dir), dtype, device, streaming, "evaluate", report,
                 Path(metrics_path).parent) as model:
         vocab = int(model.get_output_embeddings().weight.shape[0])

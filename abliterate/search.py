@@ -63,7 +63,7 @@ def run_search(model_dir: Path, directions: Path, harmful: str, harmless: str, o
                scores: Path | None = None, trials: int = 0, seed: int = 0, kl_budget: float | str = "auto",
                validation: int = 32, proxy_tokens: int = 8, confirm_prompts: int = 96, confirm_tokens: int = 12,
                confirm_top: int = 4, startup_trials: int = 20, batch_size: int = 32,
-               dtype: str = "float32", device: str = "auto", threads: int = 2,
+               dtype: str = "auto", device: str = "auto", threads: int = 2,
                options: AblationOptions = AblationOptions(), auto_fraction: float = 0.5,
                measurement: str = "per-layer", scale: float = 3.0, system_prompt: str = "",
                chat_template: str = "", journal_dir: str = ".dvc/tmp/search", report: Reporter = PLAIN) -> dict:

@@ -24,7 +24,7 @@ def main(
         help="Prompt file (.txt/.jsonl/.json/.parquet/.csv) or hf:NAME, hf:NAME:split, hf:NAME:split:column.")],
     out: Annotated[Path, typer.Option(help="Output parquet file.")],
     batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 32,
-    dtype: Annotated[str, typer.Option(help="Compute dtype: float32, bfloat16, float16 or auto.")] = "float32",
+    dtype: Annotated[str, typer.Option(help="Compute dtype: auto (float32 on CPU, the checkpoint's on a GPU), checkpoint, float32, bfloat16, float16.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 or mps.")] = "auto",
     streaming: Annotated[str, typer.Option(
         help="on: one decoder layer in memory at a time; off: the whole model; auto: on when it does not fit.")] = "auto",

@@ -129,7 +129,7 @@ def main(
     max_new_tokens: int = typer.Option(256, help="Most tokens per answer."),
     system_prompt: str = typer.Option("", help="System prompt placed before the conversation."),
     chat_template: str = typer.Option("", help="Jinja chat template file for models without one."),
-    dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto."),
+    dtype: str = typer.Option("auto", help="auto (float32 on CPU, the checkpoint's on a GPU), checkpoint, float32, bfloat16, float16."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
 ) -> None:
     """Chat with the ablated model (or, with --base, with the base and ablated models side by side)."""

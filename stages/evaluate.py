@@ -39,7 +39,7 @@ def main(
     metrics: Path = typer.Option(..., help="Output metrics JSON."),
     report: Path = typer.Option(..., help="Output Markdown report."),
     batch_size: int = typer.Option(16, help="Prompts per batch."),
-    dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto."),
+    dtype: str = typer.Option("auto", help="auto (float32 on CPU, the checkpoint's on a GPU), checkpoint, float32, bfloat16, float16."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
     streaming: str = typer.Option("auto", help="on: one decoder layer in memory at a time; off: the whole model; "
                                                "auto: on when it does not fit."),

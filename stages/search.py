@@ -86,7 +86,7 @@ def main(
     confirm_top: Annotated[int, typer.Option(help="Best trials within the budget confirmed by real answers.")] = 4,
     startup_trials: Annotated[int, typer.Option(help="Random trials before TPE starts modelling.")] = 20,
     batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 32,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto.")] = "float32",
+    dtype: Annotated[str, typer.Option(help="auto (float32 on CPU, the checkpoint's on a GPU), checkpoint, float32, bfloat16, float16.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps.")] = "auto",
     threads: Annotated[int, typer.Option(help="CPU threads (fixed, so that CPU runs repeat exactly).")] = 2,
     norm_preserve: Annotated[str, typer.Option(help="ablate.norm-preserve (true/false).")] = "true",

@@ -79,12 +79,14 @@ def test_remote_push_clone_pull(project):
     clone = tmp / "clone"
     run(["git", "clone", "-q", str(root), str(clone)], tmp, env)
     assert not (clone / "artifacts" / "directions.safetensors").exists()
-    dvc(clone, env, "pull", "--with-deps", "score")
+    dvc(clone, env, "pull", "--with-deps", "--allow-missing", "score")  # models/base is not pushed (push: false)
     assert (clone / "artifacts" / "directions.safetensors").read_bytes() == \
         (root / "artifacts" / "directions.safetensors").read_bytes()
+    assert not (clone / "models" / "base").exists()
+    assert stages_run(dvc(clone, env, "repro", "--allow-missing", "score")) == set()
+    assert stages_run(dvc(clone, env, "repro", "score")) == {"base"}  # rebuilt from its source, nothing after it
     assert (clone / "models" / "base" / "config.json").is_file()
     assert stale(clone, env) == {}
-    assert stages_run(dvc(clone, env, "repro", "score")) == set()
 
 
 def test_use_with_unreachable_hub_changes_nothing(project):

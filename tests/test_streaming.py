@@ -205,3 +205,18 @@ def test_a_spread_model_computes_what_a_loaded_one_does(tmp_path):
         expected = load_model(model_dir, device="cpu")(ids).logits
         spread = load_spread(model_dir, "float32")  # on a machine without GPUs, accelerate places it on the CPU
         assert not spread.training and torch.equal(spread(ids).logits, expected)
+
+
+def test_auto_dtype_is_float32_on_cpu_and_the_checkpoints_own_on_a_gpu(tmp_path):
+    from abliterate.errors import UserError
+    from abliterate.model.streaming import resolve_dtype
+
+    bf16 = tiny.make_model("llama", tmp_path / "bf16", layers=1, dtype="bfloat16")
+    fp32 = tiny.make_model("llama", tmp_path / "fp32", layers=1)
+    assert resolve_dtype("auto", "cpu", bf16) == "float32"
+    assert resolve_dtype("auto", "mps", bf16) == "float32"
+    assert resolve_dtype("auto", "cuda", bf16) == "bfloat16" and resolve_dtype("auto", "cuda:1", fp32) == "float32"
+    assert resolve_dtype("checkpoint", "cpu", bf16) == "bfloat16"
+    assert resolve_dtype("float16", "cpu", bf16) == "float16"
+    with pytest.raises(UserError, match="^dtype must be one of auto, checkpoint, float32, bfloat16, float16, got 'fp8'$"):
+        resolve_dtype("fp8", "cpu", bf16)

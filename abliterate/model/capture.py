@@ -15,7 +15,7 @@ from abliterate.errors import fail
 from abliterate.progress import PLAIN, Reporter
 
 
-def capture(model_dir: Path, prompts: str, out: Path, batch_size: int = 32, dtype: str = "float32",
+def capture(model_dir: Path, prompts: str, out: Path, batch_size: int = 32, dtype: str = "auto",
             device: str = "auto", positions: str = "-1", system_prompt: str = "", chat_template: str = "",
             streaming: str = "auto", report: Reporter = PLAIN) -> dict:
     """Capture one prompt set's activations at every residual index into ``out`` (parquet).
@@ -33,10 +33,10 @@ def capture(model_dir: Path, prompts: str, out: Path, batch_size: int = 32, dtyp
     offsets = parse_positions(positions)
     if batch_size < 1:
         fail(f"capture batch size must be at least 1, got {batch_size}")
-    modelio.torch_dtype(dtype)  # validates the name before anything slow happens
     modelio.check_model_dir(model_dir)
-    from abliterate.model.streaming import load_spread, place
+    from abliterate.model.streaming import load_spread, place, resolve_dtype
 
+    dtype = resolve_dtype(dtype, modelio.pick_device(device), Path(model_dir))  # recorded resolved: same bytes
     where = place(streaming, Path(model_dir), dtype, modelio.pick_device(device))
     streamed = where == "stream"
     texts = load_prompts(prompts)

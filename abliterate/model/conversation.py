@@ -20,7 +20,10 @@ class Speaker:
         self.label = label
         self.tokenizer = load_tokenizer(path)
         self.template = resolve_template(self.tokenizer, chat_template)
-        self.model = load_model(path, dtype, device)
+        from abliterate.model.modelio import pick_device
+        from abliterate.model.streaming import resolve_dtype
+
+        self.model = load_model(path, resolve_dtype(dtype, pick_device(device), Path(path)), device)
         self.device = device
         self.eos = stop_ids(self.model, self.tokenizer)
         self.system = [{"role": "system", "content": system_prompt}] if system_prompt else []

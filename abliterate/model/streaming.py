@@ -118,16 +118,34 @@ def free_bytes(device: str) -> list[int]:
     return [int(psutil.virtual_memory().available)]
 
 
-def compute_bytes(model_dir: Path, dtype: str) -> int:
-    """The checkpoint's bytes once loaded in ``dtype`` (float32 doubles a 16-bit checkpoint)."""
-    stored = weights_bytes(model_dir)
-    if dtype != "float32":
-        return stored
+COMPUTE_DTYPES = ("auto", "checkpoint", "float32", "bfloat16", "float16")
+_WIDTH = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def checkpoint_dtype(model_dir: Path) -> str:
+    """The dtype the checkpoint's config names (float32 when it names none we compute in)."""
     from abliterate.model.modelio import read_config, text_config
 
     config = read_config(model_dir)
     name = str(config.get("torch_dtype") or config.get("dtype") or text_config(config).get("dtype") or "float32")
-    return stored * 2 if name in ("bfloat16", "float16") else stored
+    return name if name in _WIDTH else "float32"
+
+
+def resolve_dtype(name: str, device: str, model_dir: Path) -> str:
+    """The compute dtype of a pass: ``auto`` is float32 on a CPU or MPS (bfloat16 matmuls are slow
+    there, and float32 keeps rounding out of the means) and the checkpoint's own on a GPU (bf16 for
+    most: half the memory); ``checkpoint`` is the checkpoint's own everywhere."""
+    if name not in COMPUTE_DTYPES:
+        fail(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {name!r}")
+    if name == "auto":
+        return checkpoint_dtype(model_dir) if str(device).startswith("cuda") else "float32"
+    return checkpoint_dtype(model_dir) if name == "checkpoint" else name
+
+
+def compute_bytes(model_dir: Path, dtype: str) -> int:
+    """The checkpoint's bytes once loaded in ``dtype`` (a resolved name: float32 doubles a 16-bit checkpoint)."""
+    stored = weights_bytes(model_dir)
+    return stored * _WIDTH.get(dtype, 4) // _WIDTH[checkpoint_dtype(model_dir)]
 
 
 def placement(mode: str, need: int, free: list[int]) -> str:

@@ -76,6 +76,9 @@ class Study:
         harmful_ids = render(tokenizer, self.sets.harmful, system_prompt, chat_template)
         harmless_ids = render(tokenizer, self.sets.harmless, system_prompt, chat_template)
         device = pick_device(device)
+        from abliterate.model.streaming import resolve_dtype
+
+        dtype = resolve_dtype(dtype, device, Path(model_dir))
         _check_fits(Path(model_dir), dtype, device)
         model = load_model(model_dir, dtype, device)
         confirm_ids = render(tokenizer, self.sets.confirm, system_prompt, chat_template)
