@@ -108,7 +108,6 @@ def free_bytes(device: str) -> list[int]:
     cap = parse_size(budget) if budget else None
     if cap is not None and not device.startswith("cuda"):
         return [cap]
-
     if device.startswith("cuda"):
         indices = [int(device.split(":")[1])] if ":" in device else list(range(torch.cuda.device_count()))
         free = [int(torch.cuda.mem_get_info(torch.device("cuda", i))[0]) for i in indices]
@@ -163,7 +162,7 @@ def placement(mode: str, need: int, free: list[int]) -> str:
 
 def place(mode: str, model_dir: Path, dtype: str, device: str, free: list[int] | None = None) -> str:
     """:func:`placement` of the model in ``model_dir`` on ``device`` (``free`` replaces the measurement, for tests)."""
-    if mode not in MODES:
+    if mode not in MODES:  # before measuring anything
         fail(f"streaming must be one of {', '.join(MODES)}, got {mode!r}")
     return placement(mode, compute_bytes(model_dir, dtype), free_bytes(device) if free is None else free)
 
