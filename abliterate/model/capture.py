@@ -36,8 +36,9 @@ def capture(model_dir: Path, prompts: str, out: Path, batch_size: int = 32, dtyp
     modelio.check_model_dir(model_dir)
     from abliterate.model.streaming import load_spread, place, resolve_dtype
 
-    dtype = resolve_dtype(dtype, modelio.pick_device(device), Path(model_dir))  # recorded resolved: same bytes
-    where = place(streaming, Path(model_dir), dtype, modelio.pick_device(device))
+    device = modelio.pick_device(device)
+    dtype = resolve_dtype(dtype, device, Path(model_dir))  # recorded resolved: same bytes
+    where = place(streaming, Path(model_dir), dtype, device)
     streamed = where == "stream"
     texts = load_prompts(prompts)
     tokenizer = modelio.load_tokenizer(model_dir)
@@ -55,7 +56,7 @@ def capture(model_dir: Path, prompts: str, out: Path, batch_size: int = 32, dtyp
     name = Path(str(prompts)).stem
     with ActivationWriter(out) as writer:
         if streamed:
-            num_layers = _capture_streamed(model_dir, dtype, modelio.pick_device(device), sequences, offsets, batch_size,
+            num_layers = _capture_streamed(model_dir, dtype, device, sequences, offsets, batch_size,
                                            tokenizer.pad_token_id, writer.add, name, Path(out).parent, report)
         else:
             model = (load_spread(Path(model_dir), dtype) if where == "spread"
