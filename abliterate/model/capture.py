@@ -17,11 +17,14 @@ from abliterate.progress import PLAIN, Reporter
 
 def capture(model_dir: Path, prompts: str, out: Path, batch_size: int = 32, dtype: str = "auto",
             device: str = "auto", positions: str = "-1", system_prompt: str = "", chat_template: str = "",
-            streaming: str = "auto", report: Reporter = PLAIN) -> dict:
+            streaming: str = "auto", shared_prefix: bool = True, report: Reporter = PLAIN) -> dict:
     """Capture one prompt set's activations at every residual index into ``out`` (parquet).
 
     ``streaming``: ``on`` reads one decoder layer at a time (:mod:`abliterate.model.streaming`),
     ``off`` loads the whole model, ``auto`` streams when the model does not fit the device.
+    ``shared_prefix``: in memory, the tokens every prompt starts with (system block, role header) run
+    once per pass (:mod:`abliterate.model.prefix`; kept only if the first batch agrees with the plain
+    forward within 1e-4 relative); the streamed pass computes every token.
     Returns a summary dict (prompts, positions, layers, hidden size, seconds, streamed).
     """
     from abliterate.formats.activations import INDEX_CONVENTION, ActivationWriter
@@ -63,7 +66,8 @@ def capture(model_dir: Path, prompts: str, out: Path, batch_size: int = 32, dtyp
                      else modelio.load_model(model_dir, dtype=dtype, device=device))
             with report.task(f"capture {name}", total=len(sequences)) as task:
                 num_layers = capture_batches(model, sequences, offsets, batch_size, tokenizer.pad_token_id, writer.add,
-                                             on_progress=task.advance)
+                                             on_progress=task.advance, shared_prefix=shared_prefix,
+                                             on_message=report.message)
         text_config = modelio.text_config(config)
         metadata = {
             "index_convention": INDEX_CONVENTION,
