@@ -198,12 +198,14 @@ def opened(model_dir: Path, dtype: str, device: str, mode: str, label: str, repo
         yield load_spread(model_dir, dtype) if where == "spread" else load_model(model_dir, dtype, device)
         return
     streamed = load_streamed(Path(model_dir), dtype=dtype, device=device, scratch_in=scratch_in)
-    sweep = install(streamed)
+    # what the batches' KV caches may hold at once: the memory free now, less a layer and its work
+    budget = max(free_bytes(device)[0] - 2 * max(streamed.layer_bytes), 0)
+    sweep = install(streamed, budget=budget)
     total = len(streamed.layers)
     try:
         with (report or PLAIN).task(f"{label}: layers read, streamed", unit="bytes") as task:
             def on_read(i: int, size: int) -> None:
-                task.update(layer=f"layer {i + 1}/{total}")
+                task.update(layer=f"layer {i + 1}/{total}" + (f", wave {sweep.waves}" if sweep.waves > 1 else ""))
                 task.advance(size)
 
             sweep.on_read = on_read
