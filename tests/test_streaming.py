@@ -253,3 +253,17 @@ def test_auto_dtype_is_float32_on_cpu_and_the_checkpoints_own_on_a_gpu(tmp_path)
     assert resolve_dtype("float16", "cpu", bf16) == "float16"
     with pytest.raises(UserError, match="^dtype must be one of auto, checkpoint, float32, bfloat16, float16, got 'fp8'$"):
         resolve_dtype("fp8", "cpu", bf16)
+
+
+def test_the_streamed_capture_batches_keep_a_layers_work_within_half_its_bytes():
+    from abliterate.model.streaming import MIN_LAYER_WORK, layer_batch
+
+    config = {"hidden_size": 2048, "intermediate_size": 5504, "num_attention_heads": 16}
+    per_prompt = 185 * 4 * (3 * 5504 + 6 * 2048 + 16 * 185)  # bytes inside a layer for one 185-token prompt
+    layer = 202 * 2**20
+    size = layer_batch(config, 185, 4, layer, 32)
+    assert size * per_prompt <= layer // 2 < (size + 1) * per_prompt
+    assert layer_batch(config, 185, 4, layer, 2) == 2  # never above the configured batch size
+    assert layer_batch(config, 20000, 4, layer, 32) == 1  # at least one prompt
+    assert layer_batch({"hidden_size": 64, "intermediate_size": 128}, 50, 4, 10_000, 32) == 32  # tiny: no cap
+    assert MIN_LAYER_WORK // (50 * 4 * (3 * 128 + 6 * 64 + 50)) > 32
