@@ -156,8 +156,12 @@ def test_several_positions_match_hooks(models, prompt_file, tmp_path):
 
 def test_rerun_is_byte_identical(models, prompt_file, tmp_path):
     first = run_capture(models["gemma3"], prompt_file, tmp_path / "a.parquet", batch_size=4)
+    import torch
+
+    # same thread count as this process (float sums may be split differently across threads)
     second = run_module("capture", "--model", models["gemma3"], "--prompts", prompt_file,
-                        "--out", tmp_path / "b.parquet", "--batch-size", "4")
+                        "--out", tmp_path / "b.parquet", "--batch-size", "4",
+                        env={"OMP_NUM_THREADS": str(torch.get_num_threads())})
     assert second.returncode == 0, second.stderr
     assert first.read_bytes() == (tmp_path / "b.parquet").read_bytes()
     assert tree(tmp_path) == ["a.parquet", "b.parquet"]  # no scratch files left
