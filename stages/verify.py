@@ -1,6 +1,7 @@
 """verify: check an ablated model against its base model, tensor by tensor.
 
-``abliterate verify BASE ABLATED``: the checks and tolerances are :mod:`abliterate.verification`'s.
+``abliterate verify BASE ABLATED [--plan artifacts/plan] [--directions artifacts/directions.safetensors]``:
+the checks and tolerances are :mod:`abliterate.verification`'s.
 A table goes to stderr; the exit code is 1 if any check fails.
 """
 
@@ -21,22 +22,30 @@ app = new_app(__doc__.split("\n")[0])
 def main(
     base: Annotated[Path, typer.Argument(help="The base model folder.")],
     ablated: Annotated[Path, typer.Argument(help="The ablated model folder (with abliteration.json).")],
+    plan: Annotated[Path, typer.Option(help="The plan folder the model was ablated with.")] = Path("artifacts/plan"),
+    directions: Annotated[Path, typer.Option(help="The directions file the plan was made from.")] = Path(
+        "artifacts/directions.safetensors"),
     tolerance: Annotated[float, typer.Option(help="Max relative component / norm drift (0 = by dtype).")] = 0.0,
 ) -> None:
-    """Check an ablated model against its base: untouched bytes, kept norms, no write along r."""
+    """Check an ablated model against its base, the plan and the directions: every edited tensor
+    recomputed, untouched bytes and other files identical, provenance as finalize writes it."""
     from rich import box
     from rich.table import Table
 
     from abliterate.verification import verify
 
-    rows, passed = verify(base, ablated, tolerance)
+    rows, passed = verify(base, ablated, plan, directions, tolerance)
     table = Table(title=f"verify {ablated} against {base}", title_justify="left", box=box.SIMPLE_HEAD)
     for header in ("check", "max |write . r| / |write|", "max norm drift", "status"):
         table.add_column(header, justify="left" if header == "check" else "right", no_wrap=True)
     for row in rows:
         table.add_row(*row, style=None if row[-1] == "ok" else "bold red")
     wide_table(table)
-    reporter().message("verify: all checks passed" if passed else "verify: some checks FAILED")
+    report = reporter()
+    for row in rows:  # each failure also as one plain line, whatever the table's width
+        if row[-1] != "ok":
+            report.message(f"verify: FAILED: {row[0].strip()}" + (f" ({row[1]})" if row[1] else ""))
+    report.message("verify: all checks passed" if passed else "verify: some checks FAILED")
     if not passed:
         sys.exit(1)
 
