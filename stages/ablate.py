@@ -51,11 +51,31 @@ def main(
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     collecting = gc.isenabled()
     gc.disable()  # the chunk loop makes no reference cycles; full collections only cost time
+    previous = _raise_on_sigterm()
     try:
         ablate(base, plan, out)
     finally:
         if collecting:  # called in-process (tests, a notebook): leave the collector as it was
             gc.enable()
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_on_sigterm():
+    """Make SIGTERM (a killed ``dvc repro``, a job scheduler) raise KeyboardInterrupt, so the temporary
+    shard is removed as on Ctrl-C; returns the previous handler (None off the main thread)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def __getattr__(name: str):

@@ -141,11 +141,29 @@ def read_activations(path: str | Path) -> tuple[dict[str, str], int, int, Iterat
             if column.type.list_size != hidden:
                 fail(f"{path} stores vectors of size {column.type.list_size}, its metadata says {hidden}; rerun capture")
             values = column.flatten().to_numpy().reshape(-1, hidden).astype(np.float64)  # [rows, H]
-            if not np.isfinite(values).all():
-                fail(f"{path} holds NaN or infinite activations; capture again with --dtype float32")
+            finite = np.isfinite(values).all(axis=1)
+            if not finite.all():
+                fail(nonfinite_hint(path, meta.get("dtype", ""), int(layers[~finite].min())))
             bad = layers[(layers < 0) | (layers > num_layers)]
             if bad.size:
                 fail(f"{path} has residual index {bad[0]} outside 0..{num_layers}; rerun capture")
             yield layers, values
 
     return meta, num_layers, hidden, groups()
+
+
+def nonfinite_hint(path, dtype: str, index: int) -> str:
+    """The one line for NaN/Inf activations first seen at residual ``index`` (rows come sorted by index).
+
+    The embedding output cannot overflow, nor can a float32 forward pass of a sane model: there the
+    weights hold the NaN/Inf and no dtype helps. After a 16-bit capture an overflow is likely.
+    """
+    if index == 0 or dtype in ("float32", "float64"):
+        culprit = ("the embedding weights" if index == 0
+                   else f"the weights of decoder layer {index - 1} (or its norms)")
+        return (f"{path} holds NaN or infinite activations from residual index {index} on, although captured in "
+                f"{dtype or 'float32'}: {culprit} hold NaN/Inf values, which no dtype fixes; re-download or repair "
+                "the model")
+    return (f"{path} holds NaN or infinite activations from residual index {index} (the output of decoder layer "
+            f"{index - 1}) on, captured in {dtype}: likely a {dtype} overflow; capture again with --dtype float32 "
+            f"(if they remain, the weights of decoder layer {index - 1} hold NaN/Inf values)")
