@@ -353,3 +353,86 @@ def test_reduce_suggests_float32_after_a_16_bit_capture(nan_capture, tmp_path, c
                              "--out", tmp_path / "d"], capsys)
     line = error_line(err)
     assert code == 2 and "capture again with --dtype float32" in line and "decoder layer 1" in line
+
+
+# ---------------------------------------------------------------- fuzz: the header reader
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                    max_leaves=12)
+COUNT = st.integers(-3, 300) | st.sampled_from([2**63, 2**64 + 1]) | JSON
+ENTRY = st.fixed_dictionaries({}, optional={
+    "dtype": st.sampled_from(["F32", "BF16", "F16", "F64", "I8", "U8", "BOOL", "F4", "F6_E2M3", "F8_E4M3", "F33", ""])
+    | JSON,
+    "shape": st.lists(COUNT, max_size=3) | JSON,
+    "data_offsets": st.lists(COUNT, min_size=0, max_size=3) | JSON,
+}) | JSON
+HEADER = st.dictionaries(st.text(max_size=6) | st.just("__metadata__"), ENTRY, max_size=5)
+
+
+def _read(path, content: bytes):
+    """read_header on ``content``: the header, or None after a one-line UserError; anything else fails."""
+    from abliterate.errors import UserError
+    from abliterate.formats.safetensors_io import read_header
+
+    path.write_bytes(content)
+    try:
+        header = read_header(path)
+    except UserError as exc:
+        assert "\n" not in str(exc) and str(path) in str(exc)
+        return None
+    # what it accepts is sound: every tensor inside the data area, sized by dtype and shape, no overlap
+    spans = sorted((t.begin, t.end) for t in header.tensors.values() if t.end > t.begin)
+    assert all(header.data_start <= t.begin <= t.end <= header.size for t in header.tensors.values())
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    return header
+
+
+@FUZZ
+@given(content=st.binary(max_size=300))
+def test_fuzz_random_bytes(tmp_path, content):
+    _read(tmp_path / "f.safetensors", content)
+
+
+@FUZZ
+@given(body=st.binary(max_size=200), extra=st.integers(-20, 20), data=st.binary(max_size=64))
+def test_fuzz_random_header_bytes_and_lengths(tmp_path, body, extra, data):
+    length = max(0, len(body) + extra)
+    _read(tmp_path / "f.safetensors", struct.pack("<Q", length) + body + data)
+
+
+@FUZZ
+@given(header=HEADER, data=st.binary(max_size=400))
+def test_fuzz_structured_headers(tmp_path, header, data):
+    text = json.dumps(header).encode()
+    _read(tmp_path / "f.safetensors", struct.pack("<Q", len(text)) + text + data)
+
+
+@FUZZ
+@given(edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255), st.sampled_from(["set", "cut", "put"])),
+                      min_size=1, max_size=4))
+def test_fuzz_mutated_real_shard(model, tmp_path, edits):
+    """A real shard with bytes set, cut or inserted in its length field or header."""
+    raw = bytearray(sorted(model.glob("*.safetensors"))[0].read_bytes())
+    (length,) = struct.unpack("<Q", bytes(raw[:8]))
+    for at, value, how in edits:
+        at %= 8 + length
+        if how == "set":
+            raw[at] = value
+        elif how == "cut":
+            del raw[at]
+        else:
+            raw.insert(at, value)
+    _read(tmp_path / "f.safetensors", bytes(raw))
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000, b'{"a": ' * 50_000, b"\xff\xfe{}", b"null", b"[]", b'"x"', b"1e999",
+                                  b'{"__metadata__": {"a": 1}}', b'{"t": {"dtype": "F32", "shape": [true],'
+                                  b' "data_offsets": [0, 4]}}'])
+def test_hostile_headers_are_one_line(tmp_path, body):
+    assert _read(tmp_path / "f.safetensors", struct.pack("<Q", len(body)) + body + b"\0" * 8) is None
