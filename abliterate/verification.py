@@ -1,11 +1,19 @@
-"""Verification of an ablated model against its base model, tensor by tensor.
+"""Verification of an ablated model against its base model, the plan and the directions, tensor by tensor.
 
-``abliterate verify BASE ABLATED`` reads ``ABLATED/abliteration.json`` (written by finalize) and
-checks, streaming both models chunk by chunk:
+``abliterate verify BASE ABLATED --plan PLAN_DIR --directions FILE`` (defaults: the pipeline's
+``artifacts/plan`` and ``artifacts/directions.safetensors``) trusts nothing in ABLATED; streaming
+both models chunk by chunk it checks (:mod:`abliterate.verify_folder`, :mod:`abliterate.verify_tensors`):
 
-* the source: BASE's shards have the sha256 hashes recorded in the provenance;
-* every shard header (names, dtypes, shapes, offsets, ``__metadata__``) is byte-identical;
+* the plan is the one ``plan`` builds from BASE and the directions with its settings (rebuilt);
+* ``abliteration.json`` and ``README.md`` are what finalize writes from that plan (BASE's shard
+  hashes and the directions' hash included; the tool version aside);
+* every other file (config, tokenizer, chat template, index, ...) is BASE's, byte for byte, and
+  there is no file BASE does not have;
+* every shard header (names, dtypes, shapes, offsets, ``__metadata__``) is byte-identical; a
+  header found under another shard's name is reported as swapped or renamed shards;
 * every tensor the plan does not edit is byte-identical;
+* every edited tensor is what ablate's own producer computes from BASE's tensor and the plan:
+  bit-identical on the machine that ablated it, else within the stored dtype's rounding;
 * every edited tensor's residual write has no component along its direction ``r``, reported as
   the max over columns (rows for the residual-last layouts) of ``|r . (g * w)| / |g * w|`` where
   ``g`` is the norm gain in between (for routers, readers: ``|w . (g * r)| / (|w| |g * r|)``);
