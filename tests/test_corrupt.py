@@ -143,6 +143,23 @@ def test_use_refuses_a_damaged_folder_and_writes_nothing(model, repo, tmp_path, 
     assert sorted(p.name for p in repo.iterdir()) == sorted(PIPELINE_FILES)
 
 
+def test_use_of_a_hub_model_restores_everything_when_the_download_is_unsupported(model, repo, monkeypatch):
+    """A hub id or GGUF is known only after ``dvc repro base``: the same checks then, and every file put back."""
+    from stages import use
+
+    before = {name: (repo / name).read_bytes() for name in PIPELINE_FILES}
+    restored = []
+
+    def repro(root):  # what `dvc repro base` would leave: a downloaded folder of an unsupported type
+        shutil.copytree(model, root / "models" / "base")
+        corrupt(root / "models" / "base", "bert")
+
+    monkeypatch.chdir(repo)
+    with pytest.raises(use.UserError, match="model type 'bert' is not supported"):
+        use.use("someone/model", repro=repro, restore=restored.append)
+    assert {name: (repo / name).read_bytes() for name in PIPELINE_FILES} == before and restored == [repo]
+
+
 def test_use_still_takes_a_sound_folder(model, repo, monkeypatch, capsys):
     from stages.use import app
 
