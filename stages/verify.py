@@ -29,10 +29,15 @@ def main(
 ) -> None:
     """Check an ablated model against its base, the plan and the directions: every edited tensor
     recomputed, untouched bytes and other files identical, provenance as finalize writes it."""
+    import os
+
     from rich import box
     from rich.table import Table
 
     from abliterate.verification import verify
+
+    # ablate's arithmetic, to the bit: its stage runs single-threaded BLAS (numpy is not imported yet here)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
     rows, passed = verify(base, ablated, plan, directions, tolerance)
     table = Table(title=f"verify {ablated} against {base}", title_justify="left", box=box.SIMPLE_HEAD)
