@@ -244,6 +244,31 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(model, planned, tmp_path, ca
     assert tree(out) == []
 
 
+def test_a_full_disk_during_capture_is_one_line_and_leaves_nothing(model, tmp_path, capsys, monkeypatch):
+    """capture's scratch files (as large as its output) on a full disk."""
+    from abliterate.formats import activations
+    from measure_helpers import HARMLESS, write_lines
+    from stages.capture import app
+
+    class Full:
+        name = "scratch"
+        closed = False
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(activations, "open", lambda *args, **kwargs: Full(), raising=False)
+    prompts = write_lines(tmp_path / "p.txt", HARMLESS[:2])
+    out = tmp_path / "out"
+    code, err = invoke(app, ["--model", model, "--prompts", prompts, "--out", out / "a.parquet"], capsys)
+    line = error_line(err)
+    assert code == 2 and "cannot write" in line and "No space left on device" in line
+    assert tree(out) == []
+
+
 def test_a_read_only_output_folder_is_one_line(model, planned, tmp_path, capsys, monkeypatch):
     work, name, plan = planned
     out = tmp_path / "out"

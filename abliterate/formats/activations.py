@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from abliterate.errors import fail
-from abliterate.formats.atomic import atomic_path
+from abliterate.formats.atomic import atomic_path, writing
 
 INDEX_CONVENTION = (
     "residual index i = the residual stream entering decoder layer i; 0 = embedding output; "
@@ -33,9 +33,10 @@ class ActivationWriter:
 
     def __init__(self, out: str | Path):
         self.out = Path(out)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self._scratch = tempfile.TemporaryDirectory(prefix=f".{self.out.name}.", suffix=".scratch",
-                                                    dir=self.out.parent)
+        with writing(self.out):
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self._scratch = tempfile.TemporaryDirectory(prefix=f".{self.out.name}.", suffix=".scratch",
+                                                        dir=self.out.parent)
         self.handles: list = []
         self.order: list[int] = []  # prompt ids in the order their rows were appended
         self.hidden = 0
@@ -54,13 +55,14 @@ class ActivationWriter:
 
     def add(self, prompts: list[int], acts) -> None:
         """Append one batch: ``acts`` float32 ``[L + 1, B, P, H]`` for prompt ids ``prompts``."""
-        if not self.handles:
-            self.hidden = int(acts.shape[-1])
-            folder = Path(self._scratch.name)
-            self.handles = [open(folder / f"{i:05d}.f32", "wb") for i in range(acts.shape[0])]
-        self.order.extend(prompts)
-        for index, handle in enumerate(self.handles):
-            handle.write(acts[index].tobytes())
+        with writing(self.out):  # the scratch files take as much disk as the output: a full disk is one line
+            if not self.handles:
+                self.hidden = int(acts.shape[-1])
+                folder = Path(self._scratch.name)
+                self.handles = [open(folder / f"{i:05d}.f32", "wb") for i in range(acts.shape[0])]
+            self.order.extend(prompts)
+            for index, handle in enumerate(self.handles):
+                handle.write(acts[index].tobytes())
 
     def finish(self, num_prompts: int, offsets: list[int], metadata: dict[str, str]) -> None:
         """Write the parquet atomically (rows re-sorted into prompt order), then drop the scratch files."""

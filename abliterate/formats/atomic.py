@@ -37,6 +37,17 @@ def cannot_write(target: str | os.PathLike, exc: OSError) -> UserError:
     return UserError(f"cannot write {target}: {exc.strerror or exc}{where}; {WRITE_FIXES[exc.errno]}")
 
 
+@contextlib.contextmanager
+def writing(target: str | os.PathLike) -> Iterator[None]:
+    """Turn a failed write for ``target`` (a full disk, a read-only folder) into its one-line error."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in WRITE_FIXES:
+            raise cannot_write(target, exc) from None
+        raise
+
+
 def remove_stale(target: str | os.PathLike) -> list[Path]:
     """Remove the temporary files that killed runs writing ``target`` left beside it; returns them."""
     target = Path(target)
