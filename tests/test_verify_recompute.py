@@ -128,6 +128,18 @@ def test_swapped_shards_are_named(honest, tmp_path, capsys):
     assert f"verify: FAILED: base shard {second} is in the ablated folder as {first}: shards swapped or renamed" in failed
 
 
+def test_a_renamed_shard_is_named(honest, tmp_path, capsys):
+    base, out, plan, directions = honest
+    broken = _copy(out, tmp_path)
+    first = sorted(p.name for p in broken.glob("*.safetensors"))[0]
+    (broken / first).rename(broken / "weights.safetensors")
+    code, failed = _verify(base, broken, plan, directions, capsys)
+    assert code == 1
+    assert f"verify: FAILED: base shard {first} is in the ablated folder as weights.safetensors: shards swapped or " \
+           "renamed" in failed
+    assert any("weights.safetensors is not a file of the base model" in f for f in failed)
+
+
 def test_a_rewritten_provenance_with_matching_tensors_fails(honest, tmp_path, capsys):
     """abliteration.json rewritten with scales 0.5, and the shards ablated to match it: consistent with
     itself, but not with the plan and the directions."""
