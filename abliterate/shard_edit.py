@@ -72,8 +72,9 @@ def producer(edits: list[Edit], vectors: Callable[[object], object] | None = Non
 
 def nonfinite(name: str) -> None:
     """The one-line error of an edited tensor that holds NaN or infinite values (from a producer thread)."""
-    fail(f"tensor {name} of the base model holds NaN or infinite values; the edit would spread them over whole "
-         "columns (rows): the checkpoint is damaged, re-download it (or leave this tensor's layer out of ablate.layers)")
+    fail(f"tensor {name} of the base model holds NaN or infinite values; the edit would spread them over "
+         "whole columns (rows): the checkpoint is damaged, re-download it (or leave this tensor's layer out of "
+         "ablate.layers)")
 
 
 def check(base: Path, plan: ShardPlan, out: Path) -> dict[str, list[Edit]]:
