@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from stages.cliutil import new_app, reporter, run_app
+from stages.cliutil import new_app, parse_bool, reporter, run_app
 
 app = new_app(__doc__.split("\n")[0])
 
@@ -32,12 +32,15 @@ def main(
         help="Comma-separated negative offsets from the prompt end (-1 = last token).")] = "-1",
     system_prompt: Annotated[str, typer.Option(help="System prompt rendered before each prompt ('' = none).")] = "",
     chat_template: Annotated[str, typer.Option(help="Jinja template file for models without one ('' = the tokenizer's).")] = "",
+    shared_prefix: Annotated[str, typer.Option(
+        help="true: the prompts' shared template prefix runs once per pass (checked against the plain forward).")] = "true",
 ) -> None:
     """Capture residual-stream activations of one prompt set (one forward pass per batch, hooks)."""
     from abliterate.model.capture import capture
 
     capture(model, prompts, out, batch_size=batch_size, dtype=dtype, device=device, streaming=streaming, positions=positions,
-            system_prompt=system_prompt, chat_template=chat_template, report=reporter())
+            system_prompt=system_prompt, chat_template=chat_template,
+            shared_prefix=parse_bool(shared_prefix, "capture shared-prefix"), report=reporter())
 
 
 if __name__ == "__main__":

@@ -167,6 +167,39 @@ def test_generation_reads_each_layer_once_per_token_for_all_batches(tmp_path):
     assert reads == 3 * 5  # 3 layers x (the prompt pass + 4 steps); batch after batch would read 4x as many
 
 
+def test_a_kv_budget_splits_generation_into_waves_with_the_same_answers(tmp_path):
+    from abliterate.model.generation import greedy_generate, kv_bytes_per_token
+    from abliterate.model.modelio import load_model
+    from abliterate.model.streaming import opened
+    from abliterate.progress import Silent
+
+    model_dir = tiny.make_model("llama", tmp_path / "model", layers=3)
+    prompts = [[256, *range(40, 40 + n)] for n in (3, 5, 5, 8, 9, 12, 13)]
+    settings = dict(max_new_tokens=5, eos_ids=[], pad_id=258, batch_size=2, device="cpu")
+    loaded = load_model(model_dir, device="cpu")
+    expected = greedy_generate(loaded, prompts, **settings)
+    per_token = kv_bytes_per_token(loaded)
+    # K and V of every layer and key-value head, float32
+    assert per_token == 3 * loaded.config.num_key_value_heads * 2 * loaded.config.head_dim * 4
+    with opened(model_dir, "float32", "cpu", "on", "test", Silent()) as model:
+        sweep = model.abliterate_sweep
+        # batches of prompt lengths (4, 6) and (6, 9) fit together (+5 new tokens each), (10, 13) and (14) not
+        sweep.budget = (2 * (6 + 5) + 2 * (9 + 5)) * per_token
+        got = greedy_generate(model, prompts, **settings)
+        reads, waves = sweep.reads, sweep.waves
+    assert got == expected
+    assert waves == 3  # [(4, 6), (6, 9)], [(10, 13)], [(14,)]
+    assert reads == waves * 3 * 5  # each wave reads every layer once per token
+
+
+def test_waves_group_consecutive_costs_within_the_budget():
+    from abliterate.model.sweep import waves
+
+    assert waves([3, 3, 3, 5, 1], 6) == [[0, 1], [2], [3, 4]]
+    assert waves([9, 1], 6) == [[0], [1]]  # one work per wave at least, even over the budget
+    assert waves([3, 3, 3], None) == [[0, 1, 2]]
+
+
 def test_search_says_in_one_line_that_it_needs_the_model_in_memory(tmp_path, monkeypatch):
     from abliterate.errors import UserError
     from abliterate.model import streaming, study
@@ -220,3 +253,17 @@ def test_auto_dtype_is_float32_on_cpu_and_the_checkpoints_own_on_a_gpu(tmp_path)
     assert resolve_dtype("float16", "cpu", bf16) == "float16"
     with pytest.raises(UserError, match="^dtype must be one of auto, checkpoint, float32, bfloat16, float16, got 'fp8'$"):
         resolve_dtype("fp8", "cpu", bf16)
+
+
+def test_the_streamed_capture_batches_keep_a_layers_work_within_half_its_bytes():
+    from abliterate.model.streaming import MIN_LAYER_WORK, layer_batch
+
+    config = {"hidden_size": 2048, "intermediate_size": 5504, "num_attention_heads": 16}
+    per_prompt = 185 * 4 * (3 * 5504 + 6 * 2048 + 16 * 185)  # bytes inside a layer for one 185-token prompt
+    layer = 202 * 2**20
+    size = layer_batch(config, 185, 4, layer, 32)
+    assert size * per_prompt <= layer // 2 < (size + 1) * per_prompt
+    assert layer_batch(config, 185, 4, layer, 2) == 2  # never above the configured batch size
+    assert layer_batch(config, 20000, 4, layer, 32) == 1  # at least one prompt
+    assert layer_batch({"hidden_size": 64, "intermediate_size": 128}, 50, 4, 10_000, 32) == 32  # tiny: no cap
+    assert MIN_LAYER_WORK // (50 * 4 * (3 * 128 + 6 * 64 + 50)) > 32

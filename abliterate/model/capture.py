@@ -17,11 +17,14 @@ from abliterate.progress import PLAIN, Reporter
 
 def capture(model_dir: Path, prompts: str, out: Path, batch_size: int = 32, dtype: str = "auto",
             device: str = "auto", positions: str = "-1", system_prompt: str = "", chat_template: str = "",
-            streaming: str = "auto", report: Reporter = PLAIN) -> dict:
+            streaming: str = "auto", shared_prefix: bool = True, report: Reporter = PLAIN) -> dict:
     """Capture one prompt set's activations at every residual index into ``out`` (parquet).
 
     ``streaming``: ``on`` reads one decoder layer at a time (:mod:`abliterate.model.streaming`),
     ``off`` loads the whole model, ``auto`` streams when the model does not fit the device.
+    ``shared_prefix``: in memory, the tokens every prompt starts with (system block, role header) run
+    once per pass (:mod:`abliterate.model.prefix`; kept only if the first batch agrees with the plain
+    forward within 1e-4 relative); the streamed pass computes every token.
     Returns a summary dict (prompts, positions, layers, hidden size, seconds, streamed).
     """
     from abliterate.formats.activations import INDEX_CONVENTION, ActivationWriter
@@ -63,7 +66,8 @@ def capture(model_dir: Path, prompts: str, out: Path, batch_size: int = 32, dtyp
                      else modelio.load_model(model_dir, dtype=dtype, device=device))
             with report.task(f"capture {name}", total=len(sequences)) as task:
                 num_layers = capture_batches(model, sequences, offsets, batch_size, tokenizer.pad_token_id, writer.add,
-                                             on_progress=task.advance)
+                                             on_progress=task.advance, shared_prefix=shared_prefix,
+                                             on_message=report.message)
         text_config = modelio.text_config(config)
         metadata = {
             "index_convention": INDEX_CONVENTION,
@@ -97,11 +101,14 @@ def _capture_streamed(model_dir: Path, dtype: str, device: str, sequences: list[
     import numpy as np
     import torch
 
-    from abliterate.model.modelio import length_batches, pad_left
-    from abliterate.model.streaming import load_streamed, record_layer_calls, run_layers
+    from abliterate.model.modelio import length_batches, pad_left, read_config
+    from abliterate.model.streaming import layer_batch, load_streamed, record_layer_calls, run_layers
 
     model = load_streamed(Path(model_dir), dtype=dtype, device=device, scratch_in=scratch_in)
     try:
+        width = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+        batch_size = layer_batch(read_config(model_dir), max(len(s) for s in sequences), width,
+                                 max(model.layer_bytes), batch_size)
         groups = length_batches([len(s) for s in sequences], batch_size)
         inputs, cols = [], []
         for group in groups:

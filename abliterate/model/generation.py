@@ -139,8 +139,26 @@ def greedy_generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos
         if advance is not None:
             advance(len(batch))
 
-    each_batch(model, [lambda b=b: work(b) for b in length_batches([len(p) for p in prompts], batch_size)])
+    batches = length_batches([len(p) for p in prompts], batch_size)
+    per_token = kv_bytes_per_token(model)
+    costs = [len(b) * (max(len(prompts[i]) for i in b) + max_new_tokens) * per_token for b in batches]
+    each_batch(model, [lambda b=b: work(b) for b in batches], costs)
     return [a if a is not None else Generated(ids=[], stop="length") for a in answers]
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes the KV cache holds per token of one sequence, all layers (an estimate from the config:
+    K and V of every key-value head, or of every head with DeepSeek's attention, in the model's dtype)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    if getattr(config, "qk_nope_head_dim", None):  # multi-head latent attention caches decompressed heads
+        per_head = int(config.qk_nope_head_dim) + int(getattr(config, "qk_rope_head_dim", 0) or 0) \
+            + int(getattr(config, "v_head_dim", 0) or config.qk_nope_head_dim)
+    else:
+        heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        per_head = 2 * int(getattr(config, "head_dim", None) or int(config.hidden_size) // max(heads, 1))
+    width = next(model.parameters()).element_size()
+    return int(config.num_hidden_layers) * heads * per_head * width
 
 
 def answer_logprobs(model, prompts: list[list[int]], answers: list[list[int]], *, n_tokens: int, pad_id: int,

@@ -147,6 +147,26 @@ def compute_bytes(model_dir: Path, dtype: str) -> int:
     return stored * _WIDTH.get(dtype, 4) // _WIDTH[checkpoint_dtype(model_dir)]
 
 
+# Work inside a layer (per batch) always allowed, however small the layers: below it the batch size does not matter.
+MIN_LAYER_WORK = 64 * 2**20
+
+
+def layer_batch(config: dict, longest: int, width: int, layer_bytes: int, batch_size: int) -> int:
+    """The batch size (at most ``batch_size``) whose work inside one decoder layer stays within half
+    of ``layer_bytes`` (or :data:`MIN_LAYER_WORK`): streaming reads each layer once per pass whatever the batch, so smaller batches
+    lower the peak at little cost. Per token and layer the work is about 3 MLP intermediates
+    (gate, up, their product), 6 hidden-size vectors (residual, norm, q/k/v/o) and one attention row
+    (``longest`` scores per head), each ``width`` bytes."""
+    text = config.get("text_config") or config
+    hidden = int(text.get("hidden_size", 0) or 0)
+    experts = int(text.get("num_experts_per_tok", 0) or 0) + (1 if text.get("shared_expert_intermediate_size") else 0)
+    intermediate = max(int(text.get("intermediate_size", 0) or 0),
+                       int(text.get("moe_intermediate_size", 0) or 0) * max(experts, 1))
+    heads = int(text.get("num_attention_heads", 1) or 1)
+    per_prompt = longest * width * (3 * intermediate + 6 * hidden + heads * longest)
+    return max(1, min(batch_size, max(layer_bytes // 2, MIN_LAYER_WORK) // max(per_prompt, 1)))
+
+
 def placement(mode: str, need: int, free: list[int]) -> str:
     """Where a model of ``need`` bytes goes, given the free bytes of each usable device: ``one``
     (the first device), ``spread`` (layers placed over several GPUs) or ``stream`` (one layer at a
@@ -198,12 +218,14 @@ def opened(model_dir: Path, dtype: str, device: str, mode: str, label: str, repo
         yield load_spread(model_dir, dtype) if where == "spread" else load_model(model_dir, dtype, device)
         return
     streamed = load_streamed(Path(model_dir), dtype=dtype, device=device, scratch_in=scratch_in)
-    sweep = install(streamed)
+    # what the batches' KV caches may hold at once: the memory free now, less a layer and its work
+    budget = max(free_bytes(device)[0] - 2 * max(streamed.layer_bytes), 0)
+    sweep = install(streamed, budget=budget)
     total = len(streamed.layers)
     try:
         with (report or PLAIN).task(f"{label}: layers read, streamed", unit="bytes") as task:
             def on_read(i: int, size: int) -> None:
-                task.update(layer=f"layer {i + 1}/{total}")
+                task.update(layer=f"layer {i + 1}/{total}" + (f", wave {sweep.waves}" if sweep.waves > 1 else ""))
                 task.advance(size)
 
             sweep.on_read = on_read

@@ -11,6 +11,11 @@ first layer). That layer is read once and every thread parked there runs it in t
 order. So one token of generation for the whole prompt set reads the weights once
 (cost: tokens x the model's bytes), and the answers are the same as batch after batch: each
 batch keeps its own hidden states and KV cache, and only one thread computes at a time.
+
+The price is that every batch's state (its KV cache while generating) is held at once. When the
+caller says what each batch will hold (``costs``) and the sweep has a ``budget``, the batches run in
+consecutive waves that fit it: each wave reads the weights once per token, so ``W`` waves cost
+``W`` times the reads of one and hold a ``W``-th of the state.
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ class _Aborted(Exception):
 class LayerSweep:
     """The scheduler of one streamed model (installed by :func:`install`)."""
 
-    def __init__(self, streamed, on_read: Callable[[int, int], None] | None = None):
+    def __init__(self, streamed, on_read: Callable[[int, int], None] | None = None, budget: int | None = None):
         self.streamed = streamed
         self.on_read = on_read  # (layer, bytes) each time a layer is read
+        self.budget = budget  # bytes the batches of one wave may hold at once (None: no limit)
+        self.waves = 0  # waves run since install (tests and progress)
         self.cond = threading.Condition()
         self.local = threading.local()
         self.parked: dict[int, list[int]] = {}  # gate (layer or START) -> worker ids waiting there
@@ -57,8 +64,16 @@ class LayerSweep:
                     raise _Aborted
                 self.cond.wait()
 
-    def run(self, works: list[Callable[[], None]]) -> None:
-        """Run every ``work()`` (one batch each) to the end, layer-major; re-raises the first failure."""
+    def run(self, works: list[Callable[[], None]], costs: list[int] | None = None) -> None:
+        """Run every ``work()`` (one batch each) to the end, layer-major; re-raises the first failure.
+
+        ``costs[k]``: bytes work ``k`` holds while it runs; with a :attr:`budget`, consecutive works
+        run together while their costs fit it (one work at least per wave)."""
+        for wave in waves(costs if costs is not None else [0] * len(works), self.budget):
+            self.waves += 1
+            self._run_wave([works[k] for k in wave])
+
+    def _run_wave(self, works: list[Callable[[], None]]) -> None:
         if not works:
             return
         errors: list[BaseException] = []
@@ -133,23 +148,39 @@ class LayerSweep:
             self.on_read(layer, self.streamed.layer_bytes[layer])
 
 
-def install(streamed) -> LayerSweep:
-    """Put a gate in front of every decoder layer of ``streamed`` and attach the sweep to its model."""
-    sweep = LayerSweep(streamed)
+def waves(costs: list[int], budget: int | None) -> list[list[int]]:
+    """Consecutive groups of indices whose costs sum to at most ``budget`` (each holds one at least)."""
+    groups: list[list[int]] = []
+    held = 0
+    for k, cost in enumerate(costs):
+        if groups and (budget is None or held + cost <= budget):
+            groups[-1].append(k)
+            held += cost
+        else:
+            groups.append([k])
+            held = cost
+    return groups
+
+
+def install(streamed, budget: int | None = None) -> LayerSweep:
+    """Put a gate in front of every decoder layer of ``streamed`` and attach the sweep to its model;
+    ``budget``: bytes the batches of one wave may hold (see :meth:`LayerSweep.run`)."""
+    sweep = LayerSweep(streamed, budget=budget)
     for i, layer in enumerate(streamed.layers):
         layer.register_forward_pre_hook(lambda _module, _args, i=i: sweep.gate(i))
     streamed.model.abliterate_sweep = sweep
     return sweep
 
 
-def each_batch(model, works: list[Callable[[], None]]) -> None:
-    """Run ``works`` one after another on a loaded model, or layer-major on a streamed one."""
+def each_batch(model, works: list[Callable[[], None]], costs: list[int] | None = None) -> None:
+    """Run ``works`` one after another on a loaded model, or layer-major on a streamed one (in waves
+    that fit its budget when ``costs``, the bytes each work holds, are given)."""
     sweep = getattr(model, "abliterate_sweep", None)
     if sweep is None:
         for work in works:
             work()
     else:
-        sweep.run(works)
+        sweep.run(works, costs)
 
 
 def each_batch_items(model, works: list[Callable[[], Iterator]]) -> Iterator:

@@ -34,9 +34,6 @@ from pathlib import Path
 
 from abliterate.errors import fail
 
-MIN_PREFIX = 4  # shared prefix tokens below which whole prompts are run
-
-
 def torch_equal(a, b) -> bool:
     import torch
 
@@ -92,13 +89,11 @@ class Scorer:
         self.eos = stop_ids(model, tokenizer)
         self.pad = int(tokenizer.pad_token_id)
         self.base = None  # [n, vocab] fp64 log-probabilities of the base model (set by remember_base)
+        from abliterate.model.prefix import shared_length
+
         everything = harmful_ids + harmless_ids
-        shortest = min(len(ids) for ids in everything)
-        prefix = 0
-        while prefix < shortest - 1 and all(ids[prefix] == everything[0][prefix] for ids in everything):
-            prefix += 1
-        self.prefix = everything[0][:prefix]  # shared by every prompt; at least one own token each
-        self.share = prefix >= MIN_PREFIX
+        self.prefix = everything[0][:shared_length(everything)]  # shared by every prompt; at least one own token each
+        self.share = len(self.prefix) > 0
         self.replay = None  # abliterate.model.replay.Replay of the base model's bottom layers (remember_base)
         self.unchanged = 0  # bottom layers the current trial leaves as in the base model (set by the caller)
         self._recording = False
@@ -107,44 +102,27 @@ class Scorer:
 
     def _prefix_cache(self):
         """KV cache of the shared prefix (one row), computed with the model as it is now."""
-        import torch
+        from abliterate.model.prefix import prefix_cache
 
-        from abliterate.model.generation import _returned_cache
-
-        ids = torch.tensor([self.prefix], dtype=torch.long, device=self.device)
-        with torch.inference_mode():
-            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
-        return _returned_cache(out)
+        return prefix_cache(self.model, self.prefix, self.device)
 
     def _suffix_forward(self, prefix_cache, prompts: list[list[int]], key=None):
         """Run the prompts' own tokens on the prefix cache: (last logits [b, vocab], mask, next positions, cache).
 
         ``key`` names the batch for the replay of unchanged bottom layers (``abliterate.model.replay``)."""
-        import copy
-
         import torch
 
-        from abliterate.model.generation import _cache_argument, _returned_cache
+        from abliterate.model.generation import _returned_cache
+        from abliterate.model.prefix import suffix_inputs
 
         p = len(self.prefix)
-        suffixes = [ids[p:] for ids in prompts]
-        width = max(len(x) for x in suffixes)
-        ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
-        mask = torch.ones((len(prompts), p + width), dtype=torch.long)
-        positions = torch.full((len(prompts), width), p, dtype=torch.long)
-        for row, suffix in enumerate(suffixes):
-            ids[row, width - len(suffix):] = torch.tensor(suffix, dtype=torch.long)
-            mask[row, p:p + width - len(suffix)] = 0
-            positions[row, width - len(suffix):] = torch.arange(p, p + len(suffix))
-        cache = copy.deepcopy(prefix_cache)
-        cache.batch_repeat_interleave(len(prompts))
-        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
+        kwargs = suffix_inputs(self.model, prefix_cache, [ids[p:] for ids in prompts], p, self.pad, self.device,
+                               pad="left")
 
         def run():
             with torch.inference_mode():
-                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                                 logits_to_keep=1, **{_cache_argument(self.model): cache})
-            return out.logits[:, -1, :], mask, positions[:, -1:] + 1, _returned_cache(out)
+                out = self.model(**kwargs, logits_to_keep=1)
+            return out.logits[:, -1, :], kwargs["attention_mask"], kwargs["position_ids"][:, -1:] + 1, _returned_cache(out)
 
         if self.replay is None or key is None:
             return run()
