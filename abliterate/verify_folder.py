@@ -146,14 +146,19 @@ def header_bytes(path: Path) -> bytes | None:
 
 
 def check_shards(base: Path, ablated: Path, files: list[str]) -> tuple[list[str], list[str]]:
-    """``(shards whose header is the base's, problems)``; a header found under another name is named as a swap."""
+    """``(shards whose header and size are the base's, problems)``; a header found under another name is named
+    as a swap."""
     base_headers = {f: header_bytes(Path(base) / f) for f in files}
     present = sorted(p.name for p in Path(ablated).glob("*.safetensors"))
     abl_headers = {f: header_bytes(Path(ablated) / f) for f in present}
     same, problems = [], []
     for file in files:
         if abl_headers.get(file) is not None and abl_headers[file] == base_headers[file]:
-            same.append(file)
+            size, expected = (Path(ablated) / file).stat().st_size, (Path(base) / file).stat().st_size
+            if size == expected:
+                same.append(file)
+            else:
+                problems.append(f"shard {file} has {size} bytes, the base's {expected}: truncated or extended")
             continue
         elsewhere = [f for f in present if f != file and abl_headers[f] == base_headers[file]]
         if elsewhere:

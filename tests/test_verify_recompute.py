@@ -140,6 +140,15 @@ def test_a_renamed_shard_is_named(honest, tmp_path, capsys):
     assert any("weights.safetensors is not a file of the base model" in f for f in failed)
 
 
+def test_a_truncated_shard_is_a_failed_check(honest, tmp_path, capsys):
+    base, out, plan, directions = honest
+    broken = _copy(out, tmp_path)
+    shard = sorted(broken.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-64])
+    code, failed = _verify(base, broken, plan, directions, capsys)
+    assert code == 1 and any(f"shard {shard.name} has" in f and "truncated or extended" in f for f in failed)
+
+
 def test_a_rewritten_provenance_with_matching_tensors_fails(honest, tmp_path, capsys):
     """abliteration.json rewritten with scales 0.5, and the shards ablated to match it: consistent with
     itself, but not with the plan and the directions."""
