@@ -108,23 +108,32 @@ def edited_metrics(fd_base: int, fd_abl: int, info, edits: list[Edit], gain) -> 
     return comp, drift
 
 
-def verify(base: Path, ablated: Path, plan_dir: Path = Path("artifacts/plan"),
-           directions: Path = Path("artifacts/directions.safetensors"), tolerance: float = 0.0,
+def verify(base: Path, ablated: Path, plan_dir: Path | None = Path("artifacts/plan"),
+           directions: Path | None = Path("artifacts/directions.safetensors"), tolerance: float = 0.0,
            ) -> tuple[list[list[str]], bool]:
-    """Run every check; returns the table rows (a failed check's row names what failed) and whether all passed."""
+    """Run every check; returns the table rows (a failed check's row names what failed) and whether all passed.
+
+    ``plan_dir`` None: the plan is the one the ablated folder's ``abliteration.json`` states (a model
+    without the pipeline's artifacts; a provenance rewritten together with the tensors then goes
+    unseen); ``directions`` None: the plan is not rebuilt from them (a "skip" row).
+    """
     from abliterate.errors import existing
     from abliterate.formats.plans import read_plan_dir
     from abliterate.hashing import sha256_file
     from abliterate.model.modelio import check_model_dir, weight_map
     from abliterate.verify_folder import check_other_files, check_plan, check_provenance, check_shards
+    from abliterate.verify_folder import provenance_plan
 
     check_model_dir(base)
     check_model_dir(ablated)
-    existing(plan_dir, "folder", "plan folder", "verify rebuilds the edits from the plan: pass --plan (the pipeline's "
-             "artifacts/plan) or run `dvc repro plan`", "pass the plan folder (artifacts/plan)")
-    existing(directions, "file", "directions file", "pass --directions (the pipeline's "
-             "artifacts/directions.safetensors) or run `dvc repro reduce`", "pass the directions file")
-    settings, plans = read_plan_dir(plan_dir)
+    if plan_dir is not None:
+        existing(plan_dir, "folder", "plan folder", "verify rebuilds the edits from the plan: pass --plan (the "
+                 "pipeline's artifacts/plan), run `dvc repro plan`, or pass --from-provenance",
+                 "pass the plan folder (artifacts/plan)")
+    if directions is not None:
+        existing(directions, "file", "directions file", "pass --directions (the pipeline's "
+                 "artifacts/directions.safetensors) or run `dvc repro reduce`", "pass the directions file")
+    settings, plans = read_plan_dir(plan_dir) if plan_dir is not None else provenance_plan(ablated)
     names = weight_map(base)
     files = sorted(set(names.values()))
     if files != sorted(settings["shards"].values()):
@@ -136,7 +145,12 @@ def verify(base: Path, ablated: Path, plan_dir: Path = Path("artifacts/plan"),
         rows.append([label, value or ("yes" if not problems else "no"), "", _ok(not problems)])
         rows.extend([f"  {problem}", "", "", "FAIL"] for problem in problems)
 
-    checked(f"plan rebuilt from the base and {Path(directions).name}", check_plan(base, settings, plans, directions))
+    if plan_dir is None:
+        rows.append(["plan: as abliteration.json states it (--from-provenance)", "not checked", "", "skip"])
+    if directions is None:
+        rows.append(["plan rebuilt from the directions", "no directions file", "", "skip"])
+    else:
+        checked(f"plan rebuilt from the base and {Path(directions).name}", check_plan(base, settings, plans, directions))
     hashes = {f: sha256_file(Path(base) / f) for f in files}
     checked("abliteration.json and README.md as finalize writes them",
             check_provenance(base, ablated, settings, plans, directions, hashes, len(names)))
@@ -197,7 +211,7 @@ def verify(base: Path, ablated: Path, plan_dir: Path = Path("artifacts/plan"),
         comp = "n/a (scale != 1)" if e["comp"] is None else f"{e['comp']:.2e}"
         drift = "n/a (plain)" if e["drift"] is None else f"{e['drift']:.2e}"
         rows.append([label, comp, drift, _ok(e["ok"])])
-    passed = all(row[-1] == "ok" for row in rows)
+    passed = all(row[-1] != "FAIL" for row in rows)
     return rows, passed
 
 

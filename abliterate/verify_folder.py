@@ -81,19 +81,32 @@ def check_plan(base: Path, settings: dict, plans: dict, directions: Path) -> lis
     return [] if found is None else [f"the plan differs from the one rebuilt from {directions}: {found}"]
 
 
-def check_provenance(base: Path, ablated: Path, settings: dict, plans: dict, directions: Path,
+def provenance_plan(ablated: Path) -> tuple[dict, dict]:
+    """``(settings, {shard key: shard plan})`` as the ablated folder's own ``abliteration.json`` states them."""
+    from abliterate.formats.plans import parse_shard_plan
+    from abliterate.formats.provenance import PROVENANCE, read_provenance
+
+    doc = read_provenance(ablated)
+    plans = {key: parse_shard_plan(plan, f"{PROVENANCE} (shard {key})") for key, plan in sorted(doc["plan"].items())}
+    return doc["settings"], plans
+
+
+def check_provenance(base: Path, ablated: Path, settings: dict, plans: dict, directions: Path | None,
                      shard_hashes: dict[str, str], total_tensors: int) -> list[str]:
     """``abliteration.json`` and ``README.md`` against what finalize writes from this plan (the tool's
-    version aside); ``shard_hashes``: the base shards' sha256, ``total_tensors``: the base's tensor count."""
+    version aside); ``shard_hashes``: the base shards' sha256, ``total_tensors``: the base's tensor count;
+    ``directions`` None: the directions' name and hash are taken as stated."""
     from abliterate.formats.provenance import CARD, PROVENANCE, provenance, read_provenance
     from abliterate.hashing import sha256_file
     from abliterate.model.modelio import read_config
     from abliterate.model_card import model_card
 
     config = read_config(base)
-    expected = provenance(config, settings, {key: plan.doc for key, plan in plans.items()}, shard_hashes,
-                          Path(directions).name, sha256_file(directions))
     got = dict(read_provenance(ablated))
+    stated = got.get("directions") if isinstance(got.get("directions"), dict) else {}
+    name, sha = ((stated.get("file"), stated.get("sha256")) if directions is None
+                 else (Path(directions).name, sha256_file(directions)))
+    expected = provenance(config, settings, {key: plan.doc for key, plan in plans.items()}, shard_hashes, name, sha)
     expected.pop("tool"), got.pop("tool", None)
     problems = []
     found = first_difference(expected, got, "")

@@ -206,3 +206,23 @@ def test_a_missing_plan_is_one_line(honest, tmp_path, capsys):
         code = exc.code
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "plan folder" in err and "--plan" in err
+
+
+def test_from_provenance_checks_a_downloaded_model_without_the_artifacts(honest, tmp_path, capsys):
+    """No plan folder, no directions: the plan as abliteration.json states it; damage is still caught."""
+    base, out, _, _ = honest
+
+    def run(folder):
+        try:
+            run_app(app, [str(base), str(folder), "--from-provenance"])
+            return 0, capsys.readouterr().err
+        except SystemExit as exc:
+            return exc.code, capsys.readouterr().err
+
+    code, err = run(out)
+    assert code == 0 and "verify: not checked: plan rebuilt from the directions" in err and "FAILED" not in err
+    broken = _copy(out, tmp_path)
+    _patch_tensor(broken, WRITER, lambda bits: _negate(bits))
+    (broken / "config.json").write_text((broken / "config.json").read_text() + " ")
+    code, err = run(broken)
+    assert code == 1 and f"verify: FAILED: {WRITER}: " in err and "verify: FAILED: config.json differs" in err
