@@ -122,7 +122,8 @@ def verify(base: Path, ablated: Path, plan_dir: Path | None = Path("artifacts/pl
     from abliterate.hashing import sha256_file
     from abliterate.model.modelio import check_model_dir, weight_map
     from abliterate.verify_folder import check_other_files, check_plan, check_provenance, check_shards
-    from abliterate.verify_folder import provenance_plan
+    from abliterate.shard_edit import check as check_shard_plan
+    from abliterate.verify_folder import check_settings, provenance_plan
 
     check_model_dir(base)
     check_model_dir(ablated)
@@ -134,11 +135,17 @@ def verify(base: Path, ablated: Path, plan_dir: Path | None = Path("artifacts/pl
         existing(directions, "file", "directions file", "pass --directions (the pipeline's "
                  "artifacts/directions.safetensors) or run `dvc repro reduce`", "pass the directions file")
     settings, plans = read_plan_dir(plan_dir) if plan_dir is not None else provenance_plan(ablated)
+    where = plan_dir if plan_dir is not None else Path(ablated) / "abliteration.json"
+    check_settings(settings, where)
     names = weight_map(base)
     files = sorted(set(names.values()))
     if files != sorted(settings["shards"].values()):
-        fail(f"the plan in {plan_dir} is for shards {sorted(settings['shards'].values())} but {base} holds {files}; "
+        fail(f"the plan in {where} is for shards {sorted(settings['shards'].values())} but {base} holds {files}; "
              "verify needs the plan this model was ablated with")
+    edits: dict[str, list[Edit]] = {}
+    for key, plan in sorted(plans.items()):  # ablate's own check: the plan fits the base shard (names, dtypes, shapes)
+        file = settings["shards"][key]
+        edits.update(check_shard_plan(Path(base) / file, plan, Path(ablated) / file))
     rows: list[list[str]] = []
 
     def checked(label: str, problems: list[str], value: str = "") -> None:
@@ -158,10 +165,6 @@ def verify(base: Path, ablated: Path, plan_dir: Path | None = Path("artifacts/pl
     checked("other files identical to the base", problems, f"{same_files}/{count}")
     same, problems = check_shards(base, ablated, files)
     checked("shard headers identical", problems, f"{len(same)}/{len(files)}")
-    edits: dict[str, list[Edit]] = {}
-    for _, plan in sorted(plans.items()):
-        for name, group in plan.by_tensor().items():
-            edits.setdefault(name, []).extend(group)
     hidden = int(settings["hidden_size"])
     per_layer: dict = {}
     untouched, untouched_ok, recomputed = 0, 0, []

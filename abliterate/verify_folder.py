@@ -17,6 +17,8 @@ import os
 import struct
 from pathlib import Path
 
+from abliterate.errors import fail
+
 FLOAT_SLACK = 1e-9  # relative: a rebuilt plan vector may differ from the stored one by fp64 rounding only
 
 
@@ -66,7 +68,10 @@ def rebuilt_plan(base: Path, settings: dict, plans: dict, directions: Path) -> d
     defaults = settings["defaults"]
     options = AblationOptions(norm_preserve=bool(defaults["norm_preserve"]), projected=bool(defaults["projected"]),
                               sparsity=float(defaults["sparsity"]), targets=tuple(defaults["targets"]))
-    layer_edits = [LayerEdit.from_json(doc) for doc in settings["layers"]]
+    try:
+        layer_edits = [LayerEdit.from_json(doc) for doc in settings["layers"]]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        fail("the plan settings' per-layer entries lack layer, measurement, scale or sparsity; rerun `dvc repro plan`")
     # the embeddings' measurement (the best index when the layers use per-layer ones) is stored in their edits only
     embedded = [e.measurement for plan in plans.values() for e in plan.edits if e.layer is None]
     default = LayerEdit(-1, embedded[0] if embedded else 0, float(defaults["scale"]), options.sparsity)
@@ -79,6 +84,18 @@ def check_plan(base: Path, settings: dict, plans: dict, directions: Path) -> lis
     rebuilt = rebuilt_plan(base, settings, plans, directions)
     found = first_difference(rebuilt, {key: plan.doc for key, plan in plans.items()}, "plan")
     return [] if found is None else [f"the plan differs from the one rebuilt from {directions}: {found}"]
+
+
+def check_settings(settings, where) -> None:
+    """The plan settings verify reads are there, of the right kinds; one line naming ``where`` if not."""
+    kinds = {"shards": dict, "hidden_size": int, "layers": list, "defaults": dict}
+    if not isinstance(settings, dict) or not all(isinstance(settings.get(k), t) for k, t in kinds.items()):
+        fail(f"the plan settings in {where} lack shards, hidden_size, layers or defaults; verify needs the plan "
+             "this model was ablated with (rerun `dvc repro plan`)")
+    defaults = {"norm_preserve": bool, "projected": bool, "sparsity": (int, float), "scale": (int, float),
+                "targets": list}
+    if not all(isinstance(settings["defaults"].get(k), t) for k, t in defaults.items()):
+        fail(f"the plan settings in {where} lack the ablation options ({', '.join(defaults)}); rerun `dvc repro plan`")
 
 
 def provenance_plan(ablated: Path) -> tuple[dict, dict]:

@@ -226,3 +226,24 @@ def test_from_provenance_checks_a_downloaded_model_without_the_artifacts(honest,
     (broken / "config.json").write_text((broken / "config.json").read_text() + " ")
     code, err = run(broken)
     assert code == 1 and f"verify: FAILED: {WRITER}: " in err and "verify: FAILED: config.json differs" in err
+
+
+@pytest.mark.parametrize("damage", ["settings", "layers", "shards"])
+def test_a_hostile_provenance_is_one_line_with_from_provenance(honest, tmp_path, capsys, damage):
+    base, out, _, directions = honest
+    broken = _copy(out, tmp_path)
+    doc = json.loads((broken / "abliteration.json").read_text())
+    if damage == "settings":
+        doc["settings"] = {"shards": []}
+    elif damage == "layers":
+        doc["settings"]["layers"] = [{"layer": "x"}]
+    else:
+        doc["settings"]["shards"] = {"00001": "../../etc/passwd"}
+    (broken / "abliteration.json").write_text(json.dumps(doc))
+    try:
+        run_app(app, [str(base), str(broken), "--from-provenance", "--directions", str(directions)])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err
