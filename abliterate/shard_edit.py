@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from abliterate.records import Edit
 from abliterate.errors import fail
@@ -70,7 +71,7 @@ def producer(edits: list[Edit], vectors: Callable[[object], object] | None = Non
     return columns if layout == "columns" else rows
 
 
-def nonfinite(name: str) -> None:
+def nonfinite(name: str) -> NoReturn:
     """The one-line error of an edited tensor that holds NaN or infinite values (from a producer thread)."""
     fail(f"tensor {name} of the base model holds NaN or infinite values; the edit would spread them over "
          "whole columns (rows): the checkpoint is damaged, re-download it (or leave this tensor's layer out of "

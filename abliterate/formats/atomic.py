@@ -72,29 +72,22 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     An existing ``target`` is replaced only after the new one is complete.
     """
     target = Path(target)
-    try:
+    with writing(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f"{suffix}.tmp", dir=target.parent)
-    except OSError as exc:
-        if exc.errno in WRITE_FIXES:
-            raise cannot_write(target, exc) from None
-        raise
     os.close(fd)
     tmp = Path(tmp_name)
     tmp.unlink()  # the block creates a file or a directory here
     try:
-        yield tmp
-        if not tmp.exists():
-            raise FileNotFoundError(f"nothing was written to {tmp}")
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif target.exists() or target.is_symlink():
-            target.unlink()
-        os.replace(tmp, target)
-    except OSError as exc:  # a full disk, a folder made read-only meanwhile: one line, nothing left behind
-        if exc.errno in WRITE_FIXES:
-            raise cannot_write(target, exc) from None
-        raise
+        with writing(target):  # a full disk, a folder made read-only meanwhile: one line, nothing left behind
+            yield tmp
+            if not tmp.exists():
+                raise FileNotFoundError(f"nothing was written to {tmp}")
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+            os.replace(tmp, target)
     finally:
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
