@@ -274,13 +274,15 @@ def test_a_read_only_output_folder_is_one_line(model, planned, tmp_path, capsys,
     out = tmp_path / "out"
     out.mkdir()
     out.chmod(0o555)
-    if os.geteuid() == 0:  # root writes anyway: refuse as a read-only folder would
-        import tempfile
+    if os.geteuid() == 0:  # root writes anyway: refuse to create files there, as a read-only folder would
+        real_open = os.open
 
-        def denied(*args, **kwargs):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(out))
+        def denied(path, flags, *args, **kwargs):
+            if flags & os.O_CREAT and os.path.dirname(os.fspath(path)) == str(out):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+            return real_open(path, flags, *args, **kwargs)
 
-        monkeypatch.setattr(tempfile, "mkstemp", denied)
+        monkeypatch.setattr(os, "open", denied)
     try:
         code, err = _ablate(model / name, plan, out / name, capsys)
     finally:

@@ -13,8 +13,8 @@ import contextlib
 import errno
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,14 +72,12 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     An existing ``target`` is replaced only after the new one is complete.
     """
     target = Path(target)
-    with writing(target):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f"{suffix}.tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    tmp.unlink()  # the block creates a file or a directory here
+    # The name is chosen before anything exists, so that the ``finally`` below removes whatever gets
+    # created, wherever an exception (Ctrl-C, SIGTERM made to raise) lands; the block creates it.
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}{suffix}.tmp"
     try:
-        with writing(target):  # a full disk, a folder made read-only meanwhile: one line, nothing left behind
+        with writing(target):  # a full disk, a read-only folder: one line, nothing left behind
+            target.parent.mkdir(parents=True, exist_ok=True)
             yield tmp
             if not tmp.exists():
                 raise FileNotFoundError(f"nothing was written to {tmp}")
