@@ -157,7 +157,8 @@ def verify(base: Path, ablated: Path, plan_dir: Path | None = Path("artifacts/pl
     if directions is None:
         rows.append(["plan rebuilt from the directions", "no directions file", "", "skip"])
     else:
-        checked(f"plan rebuilt from the base and {Path(directions).name}", check_plan(base, settings, plans, directions))
+        checked(f"plan rebuilt from the base and {Path(directions).name}",
+                check_plan(base, settings, plans, directions))
     hashes = {f: sha256_file(Path(base) / f) for f in files}
     checked("abliteration.json and README.md as finalize writes them",
             check_provenance(base, ablated, settings, plans, directions, hashes, len(names)))

@@ -29,7 +29,8 @@ def main(
              "with --from-provenance only if given).")] = None,
     from_provenance: Annotated[bool, typer.Option(
         "--from-provenance", help="A model without the pipeline's artifacts: take the plan from its "
-        "abliteration.json (checks the tensors against it, but cannot catch a provenance rewritten with them).")] = False,
+        "abliteration.json (checks the tensors against it, but cannot catch a provenance rewritten with "
+        "them).")] = False,
     tolerance: Annotated[float, typer.Option(help="Max relative component / norm drift (0 = by dtype).")] = 0.0,
 ) -> None:
     """Check an ablated model against its base, the plan and the directions: every edited tensor
