@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from abliterate.records import Edit
 from abliterate.errors import fail
@@ -47,8 +48,10 @@ def producer(edits: list[Edit], vectors: Callable[[object], object] | None = Non
             part_g, part_n2 = column_stats(reader.read(start, end), uc[start:end], scratch)
             g += part_g
             n2 += part_n2
+        if not np.isfinite(n2).all():  # a NaN/Inf would be spread over its whole column
+            nonfinite(info.name)
         b, f = column_coefficients(g, n2, u, [e.scale for e in edits], [e.norm_preserve for e in edits])
-        finite = bool(np.isfinite(n2).all() and np.isfinite(b).all())  # then no NaN can come out
+        finite = bool(np.isfinite(b).all())  # then no NaN can come out
         b, f = b.astype(cdt), f.astype(cdt)
         for start, end in chunks:
             write(apply_columns(reader.read(start, end), uc[start:end], b, f, scratch), start, finite)
@@ -59,11 +62,20 @@ def producer(edits: list[Edit], vectors: Callable[[object], object] | None = Non
         reader = RowReader(fd, info, max(end - start for start, end in chunks))
         for start, end in chunks:
             chunk = reader.read(start, end)  # [rows, hidden]
+            if not np.isfinite(chunk).all():
+                nonfinite(info.name)
             for t, e in enumerate(edits):
                 chunk = apply_rows(chunk, u[:, t].astype(cdt), float(e.scale), bool(e.norm_preserve))
             write(chunk, start)
 
     return columns if layout == "columns" else rows
+
+
+def nonfinite(name: str) -> NoReturn:
+    """The one-line error of an edited tensor that holds NaN or infinite values (from a producer thread)."""
+    fail(f"tensor {name} of the base model holds NaN or infinite values; the edit would spread them over "
+         "whole columns (rows): the checkpoint is damaged, re-download it (or leave this tensor's layer out of "
+         "ablate.layers)")
 
 
 def check(base: Path, plan: ShardPlan, out: Path) -> dict[str, list[Edit]]:
@@ -114,11 +126,12 @@ def producers(grouped: dict[str, list[Edit]]) -> dict:
 
 def ablate_shard(base: Path, plan: ShardPlan, out: Path, progress: Callable[[int], None] | None = None) -> int:
     """Write ``out`` = ``base`` with the plan's edits applied; returns the number of tensors edited."""
-    from abliterate.formats.atomic import atomic_path
+    from abliterate.formats.atomic import atomic_path, remove_stale
     from abliterate.formats.safetensors_io import patch_copy
 
     grouped = check(base, plan, out)  # every check before the first byte is written
-    with atomic_path(out) as tmp:
+    remove_stale(out)  # the temporary file of a killed run (full size: a shard's worth of disk)
+    with atomic_path(out) as tmp:  # removed on every exit: error, Ctrl-C, SIGTERM (the stage makes it raise)
         # The kernel starts copying the unedited bytes while numpy loads and the producers are built.
         patch_copy(base, tmp, lambda: producers(grouped), progress, names=list(grouped))
     return len(grouped)

@@ -1,11 +1,19 @@
-"""Verification of an ablated model against its base model, tensor by tensor.
+"""Verification of an ablated model against its base model, the plan and the directions, tensor by tensor.
 
-``abliterate verify BASE ABLATED`` reads ``ABLATED/abliteration.json`` (written by finalize) and
-checks, streaming both models chunk by chunk:
+``abliterate verify BASE ABLATED --plan PLAN_DIR --directions FILE`` (defaults: the pipeline's
+``artifacts/plan`` and ``artifacts/directions.safetensors``) trusts nothing in ABLATED; streaming
+both models chunk by chunk it checks (:mod:`abliterate.verify_folder`, :mod:`abliterate.verify_tensors`):
 
-* the source: BASE's shards have the sha256 hashes recorded in the provenance;
-* every shard header (names, dtypes, shapes, offsets, ``__metadata__``) is byte-identical;
+* the plan is the one ``plan`` builds from BASE and the directions with its settings (rebuilt);
+* ``abliteration.json`` and ``README.md`` are what finalize writes from that plan (BASE's shard
+  hashes and the directions' hash included; the tool version aside);
+* every other file (config, tokenizer, chat template, index, ...) is BASE's, byte for byte, and
+  there is no file BASE does not have;
+* every shard header (names, dtypes, shapes, offsets, ``__metadata__``) is byte-identical; a
+  header found under another shard's name is reported as swapped or renamed shards;
 * every tensor the plan does not edit is byte-identical;
+* every edited tensor is what ablate's own producer computes from BASE's tensor and the plan:
+  bit-identical on the machine that ablated it, else within the stored dtype's rounding;
 * every edited tensor's residual write has no component along its direction ``r``, reported as
   the max over columns (rows for the residual-last layouts) of ``|r . (g * w)| / |g * w|`` where
   ``g`` is the norm gain in between (for routers, readers: ``|w . (g * r)| / (|w| |g * r|)``);
@@ -26,7 +34,10 @@ import math
 import os
 from pathlib import Path
 
+from abliterate.errors import fail
+from abliterate.formats.safetensors_io import read_header
 from abliterate.records import Edit
+from abliterate.verify_tensors import recompute
 
 ROUNDOFF = {"F64": 2.0**-53, "F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0**-8}
 
@@ -97,46 +108,82 @@ def edited_metrics(fd_base: int, fd_abl: int, info, edits: list[Edit], gain) -> 
     return comp, drift
 
 
-def verify(base: Path, ablated: Path, tolerance: float = 0.0) -> tuple[list[list[str]], bool]:
-    """Run every check; returns the table rows and whether all checks passed."""
-    from abliterate.formats.plans import parse_shard_plan
-    from abliterate.formats.provenance import PROVENANCE, read_provenance
-    from abliterate.formats.safetensors_io import read_header
+def verify(base: Path, ablated: Path, plan_dir: Path | None = Path("artifacts/plan"),
+           directions: Path | None = Path("artifacts/directions.safetensors"), tolerance: float = 0.0,
+           ) -> tuple[list[list[str]], bool]:
+    """Run every check; returns the table rows (a failed check's row names what failed) and whether all passed.
+
+    ``plan_dir`` None: the plan is the one the ablated folder's ``abliteration.json`` states (a model
+    without the pipeline's artifacts; a provenance rewritten together with the tensors then goes
+    unseen); ``directions`` None: the plan is not rebuilt from them (a "skip" row).
+    """
+    from abliterate.errors import existing
+    from abliterate.formats.plans import read_plan_dir
     from abliterate.hashing import sha256_file
     from abliterate.model.modelio import check_model_dir, weight_map
+    from abliterate.verify_folder import check_other_files, check_plan, check_provenance, check_shards
+    from abliterate.shard_edit import check as check_shard_plan
+    from abliterate.verify_folder import check_settings, provenance_plan
 
     check_model_dir(base)
     check_model_dir(ablated)
-    prov = read_provenance(ablated)
+    if plan_dir is not None:
+        existing(plan_dir, "folder", "plan folder", "verify rebuilds the edits from the plan: pass --plan (the "
+                 "pipeline's artifacts/plan), run `dvc repro plan`, or pass --from-provenance",
+                 "pass the plan folder (artifacts/plan)")
+    if directions is not None:
+        existing(directions, "file", "directions file", "pass --directions (the pipeline's "
+                 "artifacts/directions.safetensors) or run `dvc repro reduce`", "pass the directions file")
+    settings, plans = read_plan_dir(plan_dir) if plan_dir is not None else provenance_plan(ablated)
+    where = plan_dir if plan_dir is not None else Path(ablated) / "abliteration.json"
+    check_settings(settings, where)
     names = weight_map(base)
-    if weight_map(ablated) != names:
-        return [["tensor names and shards", "differ", "", "FAIL"]], False
-    rows: list[list[str]] = []
-    hashes_ok = all(sha256_file(Path(base) / f) == h for f, h in prov["source"]["shards"].items())
-    rows.append(["source shards match the provenance hashes", "yes" if hashes_ok else "no", "", _ok(hashes_ok)])
-    edits: dict[str, list[Edit]] = {}
-    for key, doc in sorted(prov["plan"].items()):
-        for name, group in parse_shard_plan(doc, f"{PROVENANCE} (shard {key})").by_tensor().items():
-            edits.setdefault(name, []).extend(group)
-    hidden = int(prov["settings"]["hidden_size"])
-    per_layer: dict = {}
-    same_headers, untouched, untouched_ok = 0, 0, 0
     files = sorted(set(names.values()))
-    for file in files:
-        hb, ha = read_header(Path(base) / file), read_header(Path(ablated) / file)
+    if files != sorted(settings["shards"].values()):
+        fail(f"the plan in {where} is for shards {sorted(settings['shards'].values())} but {base} holds {files}; "
+             "verify needs the plan this model was ablated with")
+    edits: dict[str, list[Edit]] = {}
+    for key, plan in sorted(plans.items()):  # ablate's own check: the plan fits the base shard (names, dtypes, shapes)
+        file = settings["shards"][key]
+        edits.update(check_shard_plan(Path(base) / file, plan, Path(ablated) / file))
+    rows: list[list[str]] = []
+
+    def checked(label: str, problems: list[str], value: str = "") -> None:
+        rows.append([label, value or ("yes" if not problems else "no"), "", _ok(not problems)])
+        rows.extend([f"  {problem}", "", "", "FAIL"] for problem in problems)
+
+    if plan_dir is None:
+        rows.append(["plan: as abliteration.json states it (--from-provenance)", "not checked", "", "skip"])
+    if directions is None:
+        rows.append(["plan rebuilt from the directions", "no directions file", "", "skip"])
+    else:
+        checked(f"plan rebuilt from the base and {Path(directions).name}",
+                check_plan(base, settings, plans, directions))
+    hashes = {f: sha256_file(Path(base) / f) for f in files}
+    checked("abliteration.json and README.md as finalize writes them",
+            check_provenance(base, ablated, settings, plans, directions, hashes, len(names)))
+    count, same_files, problems = check_other_files(base, ablated, set(files))
+    checked("other files identical to the base", problems, f"{same_files}/{count}")
+    same, problems = check_shards(base, ablated, files)
+    checked("shard headers identical", problems, f"{len(same)}/{len(files)}")
+    hidden = int(settings["hidden_size"])
+    per_layer: dict = {}
+    untouched, untouched_ok, recomputed = 0, 0, []
+    for file in same:  # (a shard with another header was reported above: its tensors cannot be compared)
+        hb = read_header(Path(base) / file)
         fd_b, fd_a = os.open(Path(base) / file, os.O_RDONLY), os.open(Path(ablated) / file, os.O_RDONLY)
         try:
-            same_headers += int(hb.data_start == ha.data_start and _same_bytes(fd_b, fd_a, 0, hb.data_start))
             for name, info in sorted(hb.tensors.items()):
                 if name not in edits:
                     untouched += 1
                     untouched_ok += int(_same_bytes(fd_b, fd_a, info.begin, info.end))
                     continue
                 tensor_edits = edits[name]
+                recomputed.append((name, recompute(fd_b, fd_a, info, tensor_edits, ROUNDOFF.get(info.dtype, 2.0**-8))))
                 gname = tensor_edits[-1].gain
                 gain = None
                 if gname:
-                    gain = _vector(Path(ablated) / names[gname], gname) + float(tensor_edits[-1].gain_offset)
+                    gain = _vector(Path(base) / names[gname], gname) + float(tensor_edits[-1].gain_offset)
                 comp, drift = edited_metrics(fd_b, fd_a, info, tensor_edits, gain)
                 tol = tolerance_for(info.dtype, hidden, tolerance)
                 check_comp = float(tensor_edits[-1].scale) == 1.0
@@ -155,15 +202,20 @@ def verify(base: Path, ablated: Path, tolerance: float = 0.0) -> tuple[list[list
         finally:
             os.close(fd_b)
             os.close(fd_a)
-    rows.append(["shard headers identical", f"{same_headers}/{len(files)}", "", _ok(same_headers == len(files))])
     rows.append(["untouched tensors byte-identical", f"{untouched_ok}/{untouched}", "", _ok(untouched_ok == untouched)])
+    exact = sum(r.identical for _, r in recomputed)
+    within = sum(r.ok for _, r in recomputed)
+    value = f"{exact}/{len(recomputed)} bit-identical" + ("" if exact == within else f", {within} within rounding")
+    checked("edited tensors recomputed from the base and the plan", [
+        f"{name}: {r.outside} of {r.elements} values differ from the recomputed edit (max |diff| {r.worst:.3g})"
+        for name, r in recomputed if not r.ok], value)
     for layer in sorted(per_layer, key=lambda k: -1 if k is None else k):
         e = per_layer[layer]
         label = "embeddings" if layer is None else f"layer {layer}: {e['n']} tensors"
         comp = "n/a (scale != 1)" if e["comp"] is None else f"{e['comp']:.2e}"
         drift = "n/a (plain)" if e["drift"] is None else f"{e['drift']:.2e}"
         rows.append([label, comp, drift, _ok(e["ok"])])
-    passed = all(row[-1] == "ok" for row in rows)
+    passed = all(row[-1] != "FAIL" for row in rows)
     return rows, passed
 
 

@@ -51,11 +51,38 @@ def main(
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     collecting = gc.isenabled()
     gc.disable()  # the chunk loop makes no reference cycles; full collections only cost time
+    terminated: list[int] = []
+    previous = _raise_on_sigterm(terminated)
     try:
         ablate(base, plan, out)
+    except Exception:
+        if terminated:  # a SIGTERM inside an import (numpy's) comes out as an ImportError: it was the signal
+            raise KeyboardInterrupt from None
+        raise
     finally:
         if collecting:  # called in-process (tests, a notebook): leave the collector as it was
             gc.enable()
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_on_sigterm(seen: list[int]):
+    """Make SIGTERM (a killed ``dvc repro``, a job scheduler) raise KeyboardInterrupt, so the temporary
+    shard is removed as on Ctrl-C, and note it in ``seen``; returns the previous handler (None off the
+    main thread)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def __getattr__(name: str):

@@ -53,9 +53,11 @@ def model_tables(folder: Path) -> tuple[dict[str, str], dict[str, str]]:
     """``(shards, files)`` of a model folder, as model.yaml stores them."""
     from abliterate.formats.model_yaml import carried_files, shard_table
     from abliterate.model.modelio import shard_files
+    from abliterate.model_check import check_model_input
     from abliterate.sources.folder import check_source_folder
 
     check_source_folder(Path(folder))
+    check_model_input(Path(folder))  # headers, index, architecture, remote code: before anything is written
     return shard_table(shard_files(folder)), carried_files(Path(folder))
 
 

@@ -20,7 +20,7 @@ def _ablated(root, family="qwen2_moe", dtype="float32", **settings):
     base = tiny.make_model(family, root / "base", layers=2, dtype=dtype)
     out = plan_and_ablate(base, root, layers="0-1", measurement="1", **settings)
     finalize(base, root / "plan", root / "directions.safetensors", out)
-    return base, out
+    return base, out, root / "plan", root / "directions.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +36,9 @@ def _rewrite(folder, name, change):
     save_file(tensors, str(shard), metadata={"format": "pt"})
 
 
-def _run(base, out, capsys):
+def _run(base, out, plan, directions, capsys):
     try:
-        run_app(app, [str(base), str(out)])
+        run_app(app, [str(base), str(out), "--plan", str(plan), "--directions", str(directions)])
         code = 0
     except SystemExit as exc:
         code = exc.code
@@ -60,7 +60,7 @@ def test_bf16_passes_with_the_dtype_tolerance(tmp_path):
 
 @pytest.mark.parametrize("damage", ["untouched", "unedited", "norms"])
 def test_damage_is_caught(good, tmp_path, capsys, damage):
-    base, out = good
+    base, out, plan, directions = good
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
     if damage == "untouched":  # a tensor the plan does not edit changed
@@ -72,7 +72,7 @@ def test_damage_is_caught(good, tmp_path, capsys, damage):
                  lambda w: base_w["model.layers.1.self_attn.o_proj.weight"])
     else:  # still orthogonal to r, but column norms changed
         _rewrite(broken, "model.layers.1.mlp.experts.2.down_proj.weight", lambda w: w * 1.01)
-    code, err = _run(base, broken, capsys)
+    code, err = _run(base, broken, plan, directions, capsys)
     assert code == 1 and "FAIL" in err and "some checks FAILED" in err
 
 
@@ -82,11 +82,11 @@ def test_other_scales_are_not_held_to_zero(tmp_path):
 
 
 def test_missing_provenance_is_a_one_line_error(good, tmp_path, capsys):
-    base, out = good
+    base, out, plan, directions = good
     bare = tmp_path / "bare"
     shutil.copytree(out, bare)
     (bare / "abliteration.json").unlink()
-    code, err = _run(base, bare, capsys)
+    code, err = _run(base, bare, plan, directions, capsys)
     assert code == 2 and err.strip().startswith("error: ") and "abliteration.json" in err
     assert len(err.strip().splitlines()) == 1
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from abliterate.errors import fail
-from abliterate.formats.atomic import atomic_path
+from abliterate.formats.atomic import atomic_path, writing
 
 INDEX_CONVENTION = (
     "residual index i = the residual stream entering decoder layer i; 0 = embedding output; "
@@ -33,9 +33,10 @@ class ActivationWriter:
 
     def __init__(self, out: str | Path):
         self.out = Path(out)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self._scratch = tempfile.TemporaryDirectory(prefix=f".{self.out.name}.", suffix=".scratch",
-                                                    dir=self.out.parent)
+        with writing(self.out):
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self._scratch = tempfile.TemporaryDirectory(prefix=f".{self.out.name}.", suffix=".scratch",
+                                                        dir=self.out.parent)
         self.handles: list = []
         self.order: list[int] = []  # prompt ids in the order their rows were appended
         self.hidden = 0
@@ -54,13 +55,14 @@ class ActivationWriter:
 
     def add(self, prompts: list[int], acts) -> None:
         """Append one batch: ``acts`` float32 ``[L + 1, B, P, H]`` for prompt ids ``prompts``."""
-        if not self.handles:
-            self.hidden = int(acts.shape[-1])
-            folder = Path(self._scratch.name)
-            self.handles = [open(folder / f"{i:05d}.f32", "wb") for i in range(acts.shape[0])]
-        self.order.extend(prompts)
-        for index, handle in enumerate(self.handles):
-            handle.write(acts[index].tobytes())
+        with writing(self.out):  # the scratch files take as much disk as the output: a full disk is one line
+            if not self.handles:
+                self.hidden = int(acts.shape[-1])
+                folder = Path(self._scratch.name)
+                self.handles = [open(folder / f"{i:05d}.f32", "wb") for i in range(acts.shape[0])]
+            self.order.extend(prompts)
+            for index, handle in enumerate(self.handles):
+                handle.write(acts[index].tobytes())
 
     def finish(self, num_prompts: int, offsets: list[int], metadata: dict[str, str]) -> None:
         """Write the parquet atomically (rows re-sorted into prompt order), then drop the scratch files."""
@@ -141,11 +143,29 @@ def read_activations(path: str | Path) -> tuple[dict[str, str], int, int, Iterat
             if column.type.list_size != hidden:
                 fail(f"{path} stores vectors of size {column.type.list_size}, its metadata says {hidden}; rerun capture")
             values = column.flatten().to_numpy().reshape(-1, hidden).astype(np.float64)  # [rows, H]
-            if not np.isfinite(values).all():
-                fail(f"{path} holds NaN or infinite activations; capture again with --dtype float32")
+            finite = np.isfinite(values).all(axis=1)
+            if not finite.all():
+                fail(nonfinite_hint(path, meta.get("dtype", ""), int(layers[~finite].min())))
             bad = layers[(layers < 0) | (layers > num_layers)]
             if bad.size:
                 fail(f"{path} has residual index {bad[0]} outside 0..{num_layers}; rerun capture")
             yield layers, values
 
     return meta, num_layers, hidden, groups()
+
+
+def nonfinite_hint(path, dtype: str, index: int) -> str:
+    """The one line for NaN/Inf activations first seen at residual ``index`` (rows come sorted by index).
+
+    The embedding output cannot overflow, nor can a float32 forward pass of a sane model: there the
+    weights hold the NaN/Inf and no dtype helps. After a 16-bit capture an overflow is likely.
+    """
+    if index == 0 or dtype in ("float32", "float64"):
+        culprit = ("the embedding weights" if index == 0
+                   else f"the weights of decoder layer {index - 1} (or its norms)")
+        return (f"{path} holds NaN or infinite activations from residual index {index} on, although captured in "
+                f"{dtype or 'float32'}: {culprit} hold NaN/Inf values, which no dtype fixes; re-download or repair "
+                "the model")
+    return (f"{path} holds NaN or infinite activations from residual index {index} (the output of decoder layer "
+            f"{index - 1}) on, captured in {dtype}: likely a {dtype} overflow; capture again with --dtype float32 "
+            f"(if they remain, the weights of decoder layer {index - 1} hold NaN/Inf values)")

@@ -59,7 +59,10 @@ class Header:
 
 
 def read_header(path: str | os.PathLike) -> Header:
-    """Parse the header of a safetensors file; fail clearly if it is not one."""
+    """Parse and check the header of a safetensors file (:mod:`abliterate.formats.safetensors_header`);
+    one line naming the file (and the tensor) if it is not a valid one."""
+    from abliterate.formats.safetensors_header import decode_header, parse_entries
+
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -69,21 +72,16 @@ def read_header(path: str | os.PathLike) -> Header:
                 fail(f"{path} is not a safetensors file (too short); re-download or re-save the model")
             (length,) = struct.unpack("<Q", raw)
             if length > MAX_HEADER or 8 + length > size:
-                fail(f"{path} is not a valid safetensors file (header length {length}); re-download it")
-            header = json.loads(handle.read(length))
+                fail(f"{path} is not a valid safetensors file (header length {length} for a file of {size} bytes); "
+                     "re-download it")
+            text = handle.read(length)
     except OSError as exc:
         fail(f"cannot read {path} ({exc.strerror}); check that the file exists and is readable")
-    except ValueError:
-        fail(f"{path} has a corrupt safetensors header; re-download or re-save the model")
     data_start = 8 + length
-    metadata = header.pop("__metadata__", None) or {}
-    tensors = {}
-    for name, entry in header.items():
-        begin, end = entry["data_offsets"]
-        tensors[name] = TensorInfo(name, entry["dtype"], tuple(entry["shape"]), data_start + begin, data_start + end)
-        if data_start + end > size:
-            fail(f"{path} is truncated: tensor {name} ends past the end of the file; re-download it")
-    return Header(path, data_start, tensors, dict(metadata), size)
+    entries, metadata = parse_entries(path, decode_header(path, text), size - data_start)
+    tensors = {name: TensorInfo(name, dtype, shape, data_start + begin, data_start + end)
+               for name, dtype, shape, begin, end in entries}
+    return Header(path, data_start, tensors, metadata, size)
 
 
 NUMPY_NAMES = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32",

@@ -37,16 +37,28 @@ def weight_map(path: str | Path) -> dict[str, str]:
     index = path / INDEX_NAME
     if index.is_file():
         try:
-            return dict(json.loads(index.read_text())["weight_map"])
-        except (ValueError, KeyError) as exc:
-            fail(f"{index} is not a valid safetensors index ({exc}); re-download or re-save the model")
+            table = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            fail(f"{index} is not a valid safetensors index ({type(exc).__name__}); re-download or re-save the model")
+        if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+            fail(f"{index} is not a valid safetensors index (weight_map is not a map of file names); re-download it")
+        for file in sorted(set(table.values())):
+            if not plain_shard_name(file):
+                fail(f"{index} names the shard {file[:80]!r}, which is not a plain *.safetensors file name inside "
+                     f"{path}; refusing it (a name must not hold '/', '\\' or '..'): re-download the model")
+        return dict(table)
     files = sorted(p.name for p in path.glob("*.safetensors"))
     if len(files) != 1:
         fail(f"{path} has {len(files)} safetensors files but no {INDEX_NAME}; add the index or keep one file")
-    from safetensors import safe_open
+    from abliterate.formats.safetensors_io import read_header
 
-    with safe_open(path / files[0], framework="numpy") as handle:
-        return {name: files[0] for name in handle.keys()}
+    return {name: files[0] for name in sorted(read_header(path / files[0]).tensors)}
+
+
+def plain_shard_name(name: str) -> bool:
+    """True for a plain ``*.safetensors`` file name: no folder part, no ``..``, no control character."""
+    return (name.endswith(".safetensors") and name not in (".safetensors",) and "/" not in name and "\\" not in name
+            and ".." not in name and name.isprintable() and name == name.strip())
 
 
 def shard_files(path: str | Path) -> list[str]:

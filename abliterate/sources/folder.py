@@ -29,6 +29,7 @@ FICLONE = 0x40049409  # Linux ioctl: reflink (copy-on-write clone) of a whole fi
 def check_source_folder(folder: Path) -> Path:
     """Validate a local model folder before anything is linked; clear errors otherwise."""
     from abliterate.model.modelio import check_model_dir, shard_files
+    from abliterate.model_check import check_weights
 
     if not (folder / "config.json").is_file() and any(folder.glob("*.gguf")):
         fail(f"{folder} holds .gguf files but no config.json; run `abliterate use {folder}/FILE.gguf` instead")
@@ -36,6 +37,7 @@ def check_source_folder(folder: Path) -> Path:
     for name in shard_files(folder):
         if not (folder / name).is_file():
             fail(f"{folder}'s safetensors index lists {name}, which is missing; re-download the model")
+    check_weights(folder)  # every shard header and the index, before a corrupt file is linked and cached
     return folder
 
 
