@@ -32,13 +32,16 @@ def main(
         help="Comma-separated negative offsets from the prompt end (-1 = last token).")] = "-1",
     system_prompt: Annotated[str, typer.Option(help="System prompt rendered before each prompt ('' = none).")] = "",
     chat_template: Annotated[str, typer.Option(help="Jinja template file for models without one ('' = the tokenizer's).")] = "",
+    max_prompt_tokens: Annotated[int, typer.Option(
+        help="Longest rendered prompt accepted, in tokens (the model's context also caps it).")] = 4096,
 ) -> None:
     """Capture residual-stream activations of one prompt set (one forward pass per batch, hooks)."""
     from abliterate.model.capture import capture
 
     capture(model, prompts, out, batch_size=batch_size, dtype=dtype, device=device, streaming=streaming, positions=positions,
-            system_prompt=system_prompt, chat_template=chat_template, report=reporter())
+            system_prompt=system_prompt, chat_template=chat_template, max_prompt_tokens=max_prompt_tokens,
+            report=reporter())
 
 
 if __name__ == "__main__":
-    run_app(app)
+    run_app(app, stage="stages.capture")
