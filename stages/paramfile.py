@@ -172,3 +172,49 @@ def split_params_option(argv: list[str]) -> tuple[list[str], str | None]:
             rest.append(arg)
         i += 1
     return rest, found
+
+
+def default_map(app, argv: list[str], stage: str | dict[str, str] | None) -> tuple[list, dict]:
+    """``argv`` without ``--params FILE``, and click's ``default_map`` of the command's options from
+    FILE, each value checked against its option's type here so that the message names the key."""
+    import inspect
+    import typing
+
+    rest, path = split_params_option(argv)
+    name = None
+    if isinstance(stage, dict):  # a group: the command named first takes the options
+        name = next((a for a in rest if not a.startswith("-")), None)
+        stage = stage.get(name)
+    function = next((c.callback for c in app.registered_commands if name is None or c.name == name), None)
+    if path is None or stage not in STAGES or function is None:
+        fail("--params FILE fills the options of a pipeline stage (base, capture, reduce, score, search, plan, "
+             "baseline, evaluate) from params.yaml; this command takes its options on the command line")
+    values = stage_values(stage, path)
+    hints = typing.get_type_hints(function)
+    names = set(inspect.signature(function).parameters)
+    for option, value in values.items():
+        key = STAGES[stage][option]
+        if option not in names:
+            fail(f"{stage} has no option for {key} (stages/paramfile.py names --{option.replace('_', '-')})")
+        values[option] = _typed(value, hints[option], f"{path}: {key}")
+    return rest, ({name: values} if name is not None else values)
+
+
+def _typed(value, annotation, where: str):
+    """``value`` (as YAML read it) for an option of type ``annotation``: whole numbers for int,
+    numbers for float, any scalar as text for str and paths; one line otherwise."""
+    import typing
+
+    kinds = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    kind = kinds[0]
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail(f"{where} = {value!r} is not a whole number; fix it")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail(f"{where} = {value!r} is not a number; fix it")
+        return float(value)
+    if isinstance(value, bool):  # YAML's true/false, read back by parse_bool
+        return "true" if value else "false"
+    return str(value)
