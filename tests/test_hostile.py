@@ -57,6 +57,7 @@ def test_repro_with_hostile_names_runs_nothing_and_carries_every_file(hostile):
         assert (root / "artifacts" / "model" / name).read_bytes() == (model / name).read_bytes(), name
     assert {p.name: p.read_bytes() for p in model.iterdir()} == hostile["before"]
     assert yaml.safe_load((root / "params.yaml").read_text())["model"]["source"] == str(model)
+    run([sys.executable, "-m", "stages.verify", "models/base", "artifacts/model"], root, hostile["env"])
 
 
 @pytest.mark.slow
