@@ -292,3 +292,38 @@ def test_locate_names_rows_of_other_formats(tmp_path):
 
     path = tmp_path / "p.parquet"
     assert locate(str(path), "x", 6) == f"{path} (prompt 7)"
+
+
+@pytest.mark.parametrize("name", ["../x.safetensors", "a/b.safetensors", "tokenizer${x}.safetensors", None])
+def test_ablate_in_folder_form_takes_only_a_plain_name_from_its_plan(tmp_path, name):
+    """DVC's form ``--base models/base --plan P --out artifacts/model``: the shard comes from the plan."""
+    import json
+
+    from measure_helpers import run_module
+
+    (tmp_path / "base").mkdir()
+    plan = tmp_path / "00001.json"
+    plan.write_text(json.dumps({"format": 1, "file": name, "hidden_size": 4, "edits": [], "vectors": {}}))
+    result = run_module("ablate", "--base", tmp_path / "base", "--plan", plan, "--out", tmp_path / "out")
+    assert result.returncode == 2
+    line = error_line(result.stderr)
+    assert ("names no shard file" in line) if name is None else (f"the file name {name!r} cannot be carried" in line)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "x.safetensors").exists()
+
+
+def test_carry_by_hand_copies_by_key_and_names_an_unknown_key(tmp_path):
+    from abliterate.formats.model_yaml import render_model_yaml
+    from measure_helpers import run_module
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "tokenizer (1).json").write_bytes(b'{"a": 1}')
+    model_yaml = tmp_path / "model.yaml"
+    model_yaml.write_text(render_model_yaml({"00001": "m.safetensors"}, {"tokenizer-1": "tokenizer (1).json"}))
+    argv = ["--files", model_yaml, "--base", base, "--out", tmp_path / "out"]
+    assert run_module("carry", "--key", "tokenizer-1", *argv).returncode == 0
+    assert (tmp_path / "out" / "tokenizer (1).json").read_bytes() == b'{"a": 1}'
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["tokenizer (1).json"]  # no temporary left
+    result = run_module("carry", "--key", "tokenizer", *argv)
+    assert result.returncode == 2
+    assert "lists no file under the key 'tokenizer' (keys: tokenizer-1)" in error_line(result.stderr)
