@@ -287,6 +287,21 @@ def test_baseline_keeps_room_for_the_answer(small_model, tmp_path):
     assert not (tmp_path / "b.parquet").exists()
 
 
+def test_token_limit_is_the_smaller_of_the_setting_and_the_context():
+    from abliterate.errors import UserError
+    from abliterate.model.prompt_limits import token_limit
+
+    config = {"text_config": {"max_position_embeddings": 512}}
+    assert token_limit(config, 4096) == (512, "the model's context (512 tokens)")
+    assert token_limit(config, 100) == (100, "capture.max-prompt-tokens (100)")
+    assert token_limit(config, 4096, new_tokens=12)[0] == 500
+    assert token_limit({}, 4096)[0] == 4096  # no context in the config: the setting alone
+    with pytest.raises(UserError, match="512 generated tokens do not fit the model's context of 512 tokens"):
+        token_limit(config, 4096, new_tokens=512)
+    with pytest.raises(UserError, match="capture.max-prompt-tokens must be a whole number of at least 1"):
+        token_limit(config, 0)
+
+
 def test_locate_names_rows_of_other_formats(tmp_path):
     from abliterate.model.prompt_limits import locate
 

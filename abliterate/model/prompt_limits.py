@@ -32,6 +32,9 @@ def token_limit(config: dict, max_prompt_tokens: int, new_tokens: int = 0) -> tu
         fail(f"capture.max-prompt-tokens must be a whole number of at least 1, got {max_prompt_tokens!r}")
     limit = (max_prompt_tokens, f"capture.max-prompt-tokens ({max_prompt_tokens})")
     context = text_config(config).get("max_position_embeddings")
+    if isinstance(context, int) and context <= new_tokens:
+        fail(f"{new_tokens} generated tokens do not fit the model's context of {context} tokens; "
+             "lower evaluate.max-new-tokens")
     if isinstance(context, int) and 0 < context - new_tokens < limit[0]:
         less = f" less the {new_tokens} generated" if new_tokens else ""
         limit = (context - new_tokens, f"the model's context ({context} tokens{less})")
