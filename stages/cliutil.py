@@ -88,6 +88,10 @@ def run_app(app: typer.Typer, argv: list[str] | None = None, stage: str | dict[s
 
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = {}
+    if stage is not None and ("--help" in argv or not argv):
+        from stages.paramfile import add_help
+
+        add_help(app, stage)
     if any(a == "--params" or a.startswith("--params=") for a in argv):
         from stages.paramfile import default_map
 

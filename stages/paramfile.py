@@ -218,3 +218,14 @@ def _typed(value, annotation, where: str):
     if isinstance(value, bool):  # YAML's true/false, read back by parse_bool
         return "true" if value else "false"
     return str(value)
+
+
+def add_help(app, stage: str | dict[str, str] | None) -> None:
+    """Say in each stage command's ``--help`` which options ``--params FILE`` fills, from which keys."""
+    stages = stage if isinstance(stage, dict) else {None: stage}
+    for command in app.registered_commands:
+        mapping = STAGES.get(stages.get(command.name if isinstance(stage, dict) else None) or "")
+        if mapping and command.epilog is None:
+            pairs = ", ".join(f"--{o.replace('_', '-')} ({k})" for o, k in mapping.items())
+            command.epilog = (f"--params FILE (dvc.yaml passes params.yaml) fills these options from its keys; "
+                              f"an option given here wins: {pairs}")

@@ -183,6 +183,14 @@ def test_params_fill_the_options_and_the_command_line_wins(tmp_path, monkeypatch
     assert seen["winsorize"] == 0.7
 
 
+def test_help_names_the_keys_that_params_fills():
+    from measure_helpers import run_module
+
+    result = run_module("reduce", "--help", env={"COLUMNS": "300"})
+    assert result.returncode == 0 and "--winsorize (reduce.winsorize), --orthogonalize (reduce.orthogonalize)" \
+        in " ".join(result.stdout.split())
+
+
 @pytest.mark.parametrize("old, new, message", [
     ("  scale: 3.0 ", "  scale: .nan ", "ablate.scale is nan; it must be a finite number"),
     ("  scale: 3.0 ", "  scale: 1.0e+6 ", "ablate.scale = 1e+06 is outside [-10, 10]"),
