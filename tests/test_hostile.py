@@ -118,6 +118,8 @@ def test_a_misspelt_key_is_named_with_the_nearest_known_one(hostile):
         errors = _stage_errors(result)
         assert len(errors) == 1 and "unknown key ablate.layrs (did you mean ablate.layers?)" in errors[0], errors
         (root / "params.yaml").write_text(saved.replace("  scale: 3.0 ", "  scael: 3.0 "))
+        result = dvc(root, env, "repro", "plan", check=False)  # search lists ablate.scale by name: DVC stops
+        assert result.returncode != 0 and "Parameters 'ablate.scale' are missing" in result.stdout + result.stderr
         used = run([sys.executable, "-m", "stages.use", str(hostile["model"])], root, env, check=False)
         assert used.returncode == 2
         assert "unknown key ablate.scael (did you mean ablate.scale?)" in error_line(used.stderr)
