@@ -31,7 +31,8 @@ def check_settings(max_new_tokens: int, kl_tokens: int, batch_size: int, top_k: 
 def build_baseline(model_dir: str | Path, harmful: str, harmless: str, out: str | Path, *, max_new_tokens: int,
                    kl_tokens: int, batch_size: int, borderline: str | None = None, dtype: str = "auto",
                    device: str = "auto", system_prompt: str = "", chat_template: str = "", top_k: int = 256,
-                   streaming: str = "auto", report: Reporter = PLAIN) -> tuple[dict, list[dict]]:
+                   streaming: str = "auto", max_prompt_tokens: int = 4096,
+                   report: Reporter = PLAIN) -> tuple[dict, list[dict]]:
     """Generate the base model's answers, compute the KL references, write ``out``.
 
     ``harmless``: plain requests (the KL references are taken on them); ``borderline``: edgy but
@@ -40,9 +41,10 @@ def build_baseline(model_dir: str | Path, harmful: str, harmless: str, out: str 
     from abliterate.formats.baseline_table import SETS, write_baseline
     from abliterate.kl import top_k_summary
     from abliterate.model.generation import answer_logprobs, answer_text, greedy_generate, stop_ids
-    from abliterate.model.modelio import check_model_dir, load_tokenizer, pick_device
+    from abliterate.model.modelio import check_model_dir, load_tokenizer, pick_device, read_config
+    from abliterate.model.prompt_limits import render_checked, token_limit
     from abliterate.model.streaming import opened, resolve_dtype
-    from abliterate.model.prompts import load_prompts, prompts_hash, render, resolve_template, template_hash
+    from abliterate.model.prompts import load_prompts, prompts_hash, resolve_template, template_hash
     from abliterate.refusal import is_refusal, refusal_stop
 
     check_settings(max_new_tokens, kl_tokens, batch_size, top_k)
@@ -54,7 +56,10 @@ def build_baseline(model_dir: str | Path, harmful: str, harmless: str, out: str 
     used = [s for s in SETS if s in texts]
     sets = [s for s in used for _ in texts[s]]
     index = [i for s in used for i in range(len(texts[s]))]
-    prompt_ids = [ids for s in used for ids in render(tokenizer, texts[s], system_prompt, chat_template)]
+    # prompt and answer must fit the context: checked before any model is loaded
+    limit = token_limit(read_config(model_dir), max_prompt_tokens, new_tokens=max_new_tokens)
+    prompt_ids = [ids for s in used for ids in render_checked(tokenizer, texts[s], str(files[s]), limit,
+                                                              system_prompt, chat_template)]
     device = pick_device(device)
     dtype = resolve_dtype(dtype, device, Path(model_dir))
     with opened(Path(model_dir), dtype, device, streaming, "baseline", report, Path(out).parent) as model:

@@ -98,6 +98,15 @@ def measured_at(measurement: int | float | str, layer: int) -> int | float:
     return layer + 1 if measurement == PER_LAYER else measurement
 
 
+MAX_SCALE = 10.0  # |scale| above this changes writers by more than their own size: a typo, not a setting
+
+
+def check_scale(scale: float, what: str) -> None:
+    """One line for a NaN, infinite or absurd scale (params.yaml documents the range)."""
+    if not -MAX_SCALE <= float(scale) <= MAX_SCALE:  # NaN fails the comparison too
+        fail(f"{what} is {scale}; it must be a number in [-{MAX_SCALE:g}, {MAX_SCALE:g}]")
+
+
 def resolve_layer_edits(layers: list[int], measurement: int | float | str, scale: float, sparsity: float,
                         overrides: list[dict], num_layers: int,
                         base_edits: list[LayerEdit] | None = None) -> list[LayerEdit]:
@@ -107,6 +116,7 @@ def resolve_layer_edits(layers: list[int], measurement: int | float | str, scale
     num_indices = num_layers + 1
     if not 0.0 <= sparsity < 1.0:
         fail(f"ablate.sparsity must be in [0, 1), got {sparsity}")
+    check_scale(scale, "ablate.scale")
     by_layer: dict[int, list[LayerEdit]] = {
         k: [LayerEdit(k, measured_at(measurement, k), float(scale), float(sparsity))] for k in layers}
     if base_edits is not None:
@@ -130,6 +140,7 @@ def resolve_layer_edits(layers: list[int], measurement: int | float | str, scale
             fail(f"{where}: scale and sparsity must be numbers")
         if not 0.0 <= sp < 1.0:
             fail(f"{where}: sparsity must be in [0, 1)")
+        check_scale(s, f"{where}: scale")
         if layer not in replaced:
             by_layer[layer], replaced = [], replaced | {layer}
         by_layer[layer].append(LayerEdit(layer, measured_at(measurement, layer) if m is None else m, s, sp))

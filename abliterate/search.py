@@ -66,7 +66,8 @@ def run_search(model_dir: Path, directions: Path, harmful: str, harmless: str, o
                dtype: str = "auto", device: str = "auto", threads: int = 2,
                options: AblationOptions = AblationOptions(), auto_fraction: float = 0.5,
                measurement: str = "per-layer", scale: float = 3.0, system_prompt: str = "",
-               chat_template: str = "", journal_dir: str = ".dvc/tmp/search", report: Reporter = PLAIN) -> dict:
+               chat_template: str = "", journal_dir: str = ".dvc/tmp/search", max_prompt_tokens: int = 4096,
+               report: Reporter = PLAIN) -> dict:
     """Run the study (or record that none ran) and write ``out`` and ``plot``; return the document.
 
     ``scores`` (score's ``metrics/layers.json``), ``auto_fraction``, ``measurement`` and ``scale``
@@ -87,6 +88,9 @@ def run_search(model_dir: Path, directions: Path, harmful: str, harmless: str, o
 
     if not 0.0 <= options.sparsity < 1.0:
         fail(f"ablate.sparsity must be in [0, 1), got {options.sparsity}")
+    from abliterate.layers import check_scale
+
+    check_scale(scale, "ablate.scale")
     extra = [r for r in options.targets if r not in SEARCHABLE]
     if extra:
         fail(f"the search tunes attention and MLP writers only, but ablate.targets has {extra[0]}; "
@@ -98,7 +102,8 @@ def run_search(model_dir: Path, directions: Path, harmful: str, harmless: str, o
                            "scale": scale}, validation=validation,
                   confirm_prompts=confirm_prompts, proxy_tokens=proxy_tokens, startup_trials=startup_trials,
                   batch_size=batch_size, dtype=dtype, device=device, threads=threads, options=options,
-                  system_prompt=system_prompt, chat_template=chat_template, journal_dir=journal_dir, report=report)
+                  system_prompt=system_prompt, chat_template=chat_template, journal_dir=journal_dir,
+                  max_prompt_tokens=max_prompt_tokens, report=report)
     interrupted = study.optimize(trials)
     confirmed, interrupted = study.confirm(confirm_tokens, confirm_top, interrupted)
     doc = study.document(trials, confirmed, interrupted, confirm_tokens, confirm_top, format_=FORMAT)

@@ -21,6 +21,15 @@ def ablate(base: Path, plan_path: Path, out: Path) -> int:
     from abliterate.formats.plans import load_shard_plan
 
     plan = load_shard_plan(plan_path)
+    if Path(base).is_dir():  # the pipeline's form: the shard's file name comes from its plan, not the command
+        from abliterate.names import check_file_name
+
+        if not plan.file:
+            from abliterate.errors import fail
+
+            fail(f"{plan_path} names no shard file; with --base a folder, rerun `dvc repro plan`")
+        check_file_name(plan.file, plan_path)
+        base, out = Path(base) / plan.file, Path(out) / plan.file
     if sys.stderr.isatty():
         count = _with_bar(base, plan, out)
     else:  # a log or a queued `dvc exp run`: no bar to draw, and rich's import is skipped
@@ -39,9 +48,11 @@ def _with_bar(base: Path, plan, out: Path) -> int:
 
 
 def main(
-    base: Annotated[Path, option(help="The base shard, e.g. models/base/model-00001-of-00004.safetensors.")],
+    base: Annotated[Path, option(help="The base shard, e.g. models/base/model-00001-of-00004.safetensors, or the "
+                                      "base folder: then the shard named in the plan file, written into --out.")],
     plan: Annotated[Path, option(help="Its plan file, e.g. artifacts/plan/00001.json.")],
-    out: Annotated[Path, option(help="The edited shard to write (never the base shard itself).")],
+    out: Annotated[Path, option(help="The edited shard to write (never the base shard itself), or with --base a "
+                                     "folder, the folder to write it into.")],
 ) -> None:
     """Write one edited shard: a copy of the base shard with only the planned tensors' bytes rewritten."""
     import gc

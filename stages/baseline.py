@@ -50,6 +50,8 @@ def main(
     system_prompt: str = typer.Option("", help="System prompt rendered before every prompt."),
     chat_template: str = typer.Option("", help="Jinja chat template file for models without one."),
     top_k: int = typer.Option(256, help="Tokens kept per answer position for the answer KL (a lower bound)."),
+    max_prompt_tokens: int = typer.Option(4096, help="Longest rendered prompt accepted, in tokens (the model's "
+                                                     "context less --max-new-tokens also caps it)."),
 ) -> None:
     """The base model's greedy answers and log-probabilities on the held-out eval prompts."""
     import time
@@ -60,9 +62,10 @@ def main(
     _, summary = build_baseline(model, harmful, harmless, out, borderline=borderline or None,
                                 max_new_tokens=max_new_tokens, kl_tokens=kl_tokens,
                                 batch_size=batch_size, dtype=dtype, device=device, streaming=streaming, system_prompt=system_prompt,
-                                chat_template=chat_template, top_k=top_k, report=reporter())
+                                chat_template=chat_template, top_k=top_k, max_prompt_tokens=max_prompt_tokens,
+                                report=reporter())
     _log_summary(summary, time.perf_counter() - start, out)
 
 
 if __name__ == "__main__":
-    run_app(app)
+    run_app(app, stage="stages.baseline")

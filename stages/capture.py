@@ -34,14 +34,16 @@ def main(
     chat_template: Annotated[str, typer.Option(help="Jinja template file for models without one ('' = the tokenizer's).")] = "",
     shared_prefix: Annotated[str, typer.Option(
         help="true: the prompts' shared template prefix runs once per pass (checked against the plain forward).")] = "true",
+    max_prompt_tokens: Annotated[int, typer.Option(
+        help="Longest rendered prompt accepted, in tokens (the model's context also caps it).")] = 4096,
 ) -> None:
     """Capture residual-stream activations of one prompt set (one forward pass per batch, hooks)."""
     from abliterate.model.capture import capture
 
     capture(model, prompts, out, batch_size=batch_size, dtype=dtype, device=device, streaming=streaming, positions=positions,
-            system_prompt=system_prompt, chat_template=chat_template,
+            system_prompt=system_prompt, chat_template=chat_template, max_prompt_tokens=max_prompt_tokens,
             shared_prefix=parse_bool(shared_prefix, "capture shared-prefix"), report=reporter())
 
 
 if __name__ == "__main__":
-    run_app(app)
+    run_app(app, stage="stages.capture")

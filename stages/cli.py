@@ -36,4 +36,4 @@ for _name, _module in COMMANDS.items():
 
 
 def main() -> None:
-    run_app(app)
+    run_app(app, stage={name: f"stages.{module}" for name, module in COMMANDS.items()})

@@ -76,14 +76,28 @@ def _exception_classes(name: str) -> tuple[type, ...]:
     return tuple(found)
 
 
-def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
-    """Run ``app``; turn user errors and usage errors into one line on stderr and exit 2."""
+def run_app(app: typer.Typer, argv: list[str] | None = None, stage: str | dict[str, str] | None = None) -> None:
+    """Run ``app``; turn user errors and usage errors into one line on stderr and exit 2.
+
+    ``stage``: the stage module whose options ``--params FILE`` fills (:mod:`stages.paramfile`), or
+    for a group of commands ``{command name: stage module}``.
+    """
     aborts = _exception_classes("Abort")
     usage = _exception_classes("ClickException")
     exits = _exception_classes("Exit")
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = {}
+    if stage is not None and ("--help" in argv or not argv):
+        from stages.paramfile import add_help
+
+        add_help(app, stage)
+    if any(a == "--params" or a.startswith("--params=") for a in argv):
+        from stages.paramfile import default_map
+
+        argv, extra["default_map"] = run_guarded(lambda: default_map(app, argv, stage))
     try:
-        code = run_guarded(lambda: app(args=argv, standalone_mode=False))
+        code = run_guarded(lambda: app(args=argv, standalone_mode=False, **extra))
     except aborts:
         _die("interrupted", code=130)
     except usage as exc:

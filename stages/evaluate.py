@@ -58,4 +58,4 @@ def main(
 
 
 if __name__ == "__main__":
-    run_app(app)
+    run_app(app, stage="stages.evaluate")

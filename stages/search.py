@@ -97,6 +97,8 @@ def main(
     chat_template: Annotated[str, typer.Option(help="Jinja chat template file for models without one.")] = "",
     journal_dir: Annotated[str, typer.Option(help="Folder of the resumable study journals ('' = none).")] =
         ".dvc/tmp/search",
+    max_prompt_tokens: Annotated[int, typer.Option(
+        help="Longest rendered prompt accepted, in tokens (the model's context also caps it).")] = 4096,
 ) -> None:
     """Search the layer kernels and measurement that remove the most refusals within a KL budget."""
     import time
@@ -115,10 +117,11 @@ def main(
                      proxy_tokens=proxy_tokens, confirm_prompts=confirm_prompts, confirm_tokens=confirm_tokens,
                      confirm_top=confirm_top, startup_trials=startup_trials, batch_size=batch_size, dtype=dtype,
                      device=device, threads=threads, options=options, system_prompt=system_prompt,
-                     chat_template=chat_template, journal_dir=journal_dir, report=reporter())
+                     chat_template=chat_template, journal_dir=journal_dir, max_prompt_tokens=max_prompt_tokens,
+                     report=reporter())
     if doc["status"] != "skipped":
         _report(doc, time.perf_counter() - start, out)
 
 
 if __name__ == "__main__":
-    run_app(app)
+    run_app(app, stage="stages.search")

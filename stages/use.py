@@ -140,6 +140,9 @@ def use(source: str, root: Path | None = None, max_shard_size: str | None = None
 
     root = find_root(root)
     params, model_yaml = root / "params.yaml", root / "model.yaml"
+    from stages.paramfile import check_known, read_params
+
+    check_known(read_params(params), params.name)  # a misspelt key is named now, before anything is written
     kind, value = classify_source(source)  # relative paths are taken from the current directory
     stored = stored_source(kind, value, root)
     if kind == "folder" and Path(os.path.abspath(value)) == (root / BASE_DIR):

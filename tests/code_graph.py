@@ -13,7 +13,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("abliterate", "stages")
-HELPERS = {"stages.cliutil", "stages.cli", "stages.__main__", "stages"}  # in stages/, but not stage modules
+HELPERS = {"stages.cliutil", "stages.paramfile", "stages.cli", "stages.__main__", "stages"}  # in stages/, but not stage modules
 
 
 class Graph:

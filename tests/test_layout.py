@@ -16,7 +16,6 @@ import yaml
 from code_graph import REPO, Graph
 
 LIBRARY_MUST_NOT_IMPORT = ("typer", "rich", "click", "dvc", "stages")
-OPTION = re.compile(r"--([a-z][a-z0-9-]*)\s+'?\$\{([a-z0-9_.-]+)\}'?")
 # the library function each stage command calls with its options, as keywords of the same names
 LIBRARY = {"stages.capture": "abliterate.model.capture:capture", "stages.search": "abliterate.search:run_search",
            "stages.plan": "abliterate.planning:plan", "stages.baseline": "abliterate.baseline:build_baseline",
@@ -78,41 +77,82 @@ def _same(default, value) -> bool:
 
 
 def default_violations(doc: dict, params: dict) -> list[str]:
-    """Every command option dvc.yaml binds to a params key has that key's value as its default (or
-    none: a required option, which dvc.yaml always passes), and so has the same-named keyword of the
-    library function the command calls."""
+    """Every command option that ``--params`` fills from a params key (stages/paramfile.py) has that
+    key's value as its default (or none: a required option, which the key always fills), and so has
+    the same-named keyword of the library function the command calls."""
     import importlib
     import inspect
 
     import typer
 
+    from stages.paramfile import STAGES
+
     found = []
     for name, stage in dvc_stages(doc).items():
         module = stage_module(stage)
-        if module is None:
+        if module not in STAGES:
             continue
         command = typer.main.get_command(importlib.import_module(module).app)
-        defaults = {opt: p.default for p in command.params for opt in p.opts if not p.required}
-        required = {opt for p in command.params for opt in p.opts if p.required}
+        defaults = {p.name: p.default for p in command.params if not p.required}
+        required = {p.name for p in command.params if p.required}
+        signature = None
         if module in LIBRARY:
             where, _, function = LIBRARY[module].partition(":")
             signature = inspect.signature(getattr(importlib.import_module(where), function))
-            for option, key in OPTION.findall(stage["cmd"]):
-                group, _, field = key.partition(".")
-                keyword = signature.parameters.get(option.replace("-", "_"))
-                if (keyword is not None and keyword.default is not inspect.Parameter.empty and group in params
-                        and field in params[group] and not _same(keyword.default, params[group][field])):
-                    found.append(f"{name}: {LIBRARY[module]}({keyword.name}=) defaults to {keyword.default!r}, "
-                                 f"params.yaml {key} is {params[group][field]!r}")
-        for option, key in OPTION.findall(stage["cmd"]):
+        for option, key in STAGES[module].items():
             group, _, field = key.partition(".")
-            if not field or group not in params or field not in params[group] or f"--{option}" in required:
-                continue  # a var of model.yaml, not a param; or an option without a default
-            if f"--{option}" not in defaults:
-                found.append(f"{name}: {module} has no option --{option}")
-            elif not _same(defaults[f"--{option}"], params[group][field]):
-                found.append(f"{name}: --{option} defaults to {defaults[f'--{option}']!r}, params.yaml {key} is "
-                             f"{params[group][field]!r}")
+            if group not in params or field not in params[group]:
+                found.append(f"{name}: --{option.replace('_', '-')} reads {key}, which params.yaml lacks")
+                continue
+            value = params[group][field]
+            keyword = signature.parameters.get(option) if signature is not None else None
+            if (keyword is not None and keyword.default is not inspect.Parameter.empty
+                    and not _same(keyword.default, value)):
+                found.append(f"{name}: {LIBRARY[module]}({keyword.name}=) defaults to {keyword.default!r}, "
+                             f"params.yaml {key} is {value!r}")
+            flag = f"--{option.replace('_', '-')}"
+            if option in required:
+                continue
+            if option not in defaults:
+                found.append(f"{name}: {module} has no option {flag}")
+            elif not _same(defaults[option], value):
+                found.append(f"{name}: {flag} defaults to {defaults[option]!r}, params.yaml {key} is {value!r}")
+    return found
+
+
+def command_violations(doc: dict) -> list[str]:
+    """No command pastes a value into the shell: a ``cmd`` holds only fixed text, ``${item}`` of a
+    foreach over a literal list, and ``${key}`` of a foreach over model.yaml's tables (keys that
+    ``abliterate use`` checks against a strict pattern); a stage with params reads them with
+    ``--params params.yaml``."""
+    from stages.paramfile import STAGES
+
+    found = []
+    for name, raw in doc["stages"].items():
+        stage = raw.get("do", raw)
+        literal = isinstance(raw.get("foreach"), list)
+        for var in re.findall(r"\$\{([^}]*)\}", stage["cmd"]):
+            if not (var == "key" and "foreach" in raw and not literal) and not (var == "item" and literal):
+                found.append(f"{name}: its command pastes ${{{var}}} into the shell")
+        if stage_module(stage) in STAGES and "--params params.yaml" not in stage["cmd"]:
+            found.append(f"{name}: {stage_module(stage)} reads params but its command lacks --params params.yaml")
+    return found
+
+
+def params_violations(doc: dict) -> list[str]:
+    """Each stage's ``params:`` in dvc.yaml cover exactly the keys its command reads, so that
+    editing a key reruns exactly the stages that read it."""
+    from stages.paramfile import OTHER_KEYS, STAGES
+
+    found = []
+    for name, stage in dvc_stages(doc).items():
+        module = stage_module(stage)
+        read = set(STAGES.get(module, {}).values()) | {k for k, m in OTHER_KEYS.items() if m == module}
+        listed = {p for p in stage.get("params", []) if isinstance(p, str)}
+        covered = {k for k in read if k in listed or k.partition(".")[0] in listed}
+        found += [f"{name}: reads {k} but dvc.yaml does not list it in its params" for k in sorted(read - covered)]
+        found += [f"{name}: lists {p} in its params but reads none of it" for p in sorted(listed)
+                  if not any(k == p or k.partition(".")[0] == p for k in read)]
     return found
 
 
@@ -150,6 +190,15 @@ def test_every_default_comes_from_params_yaml():
     params = _load("params.yaml")
     assert default_violations(_load("dvc.yaml"), params) == []
     assert options_violations(params) == []
+
+
+def test_no_command_pastes_a_value_and_every_stage_lists_the_params_it_reads():
+    from stages.paramfile import unknown_key_violations
+
+    doc = _load("dvc.yaml")
+    assert command_violations(doc) == []
+    assert params_violations(doc) == []
+    assert unknown_key_violations(_load("params.yaml")) == []  # every key of params.yaml is read by a stage
 
 
 def test_the_demo_build_does_not_depend_on_the_ablation_or_evaluation_code():
@@ -211,6 +260,24 @@ def test_defaults_rule_finds_an_option_that_disagrees_with_params_yaml():
     assert "capture: abliterate.model.capture:capture(batch_size=) defaults to 32, params.yaml capture.batch-size is 7" \
         in violations
     assert options_violations(params) == ["AblationOptions.projected is False, params.yaml ablate.projected is True"]
+
+
+def test_command_and_params_rules_find_a_pasted_value_and_an_unlisted_key():
+    doc = _load("dvc.yaml")
+    doc["stages"]["capture"]["do"]["cmd"] += " --system-prompt '${capture.system-prompt}'"
+    doc["stages"]["carry"]["do"]["cmd"] += " --name ${item}"
+    doc["stages"]["reduce"]["cmd"] = doc["stages"]["reduce"]["cmd"].replace("--params params.yaml", "")
+    assert command_violations(doc) == [
+        "capture: its command pastes ${capture.system-prompt} into the shell",
+        "reduce: stages.reduce reads params but its command lacks --params params.yaml",
+        "carry: its command pastes ${item} into the shell",
+    ]
+    doc["stages"]["baseline"]["params"].remove("capture.max-prompt-tokens")
+    doc["stages"]["evaluate"]["params"].append("score")
+    assert params_violations(doc) == [
+        "baseline: reads capture.max-prompt-tokens but dvc.yaml does not list it in its params",
+        "evaluate: lists score in its params but reads none of it",
+    ]
 
 
 @pytest.mark.parametrize("module", ["abliterate", "stages"])

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from abliterate.errors import fail
+from abliterate.names import check_file_name, check_key
 
 DEFAULT_HEADER = (
     "# Written by `abliterate use`: the base model's weight shards and the other files of its folder.\n"
@@ -52,11 +53,23 @@ def carried_files(folder: Path) -> dict[str, str]:
     keys: dict[str, str] = {}
     # .json files claim the short key first (tokenizer.json -> tokenizer, tokenizer.model -> tokenizer-model)
     for name in sorted(names, key=lambda n: (not n.endswith(".json"), n)):
+        check_file_name(name, folder)
         key = file_key(name)
         if key in keys:
-            key = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+            key = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "file"
+        base, n = key, 2
+        while key in keys:  # names that differ only in case or punctuation
+            key, n = f"{base}-{n}", n + 1
         keys[key] = name
     return dict(sorted(keys.items()))
+
+
+def check_tables(shards: dict[str, str], files: dict[str, str], where: str | Path) -> None:
+    """Every key matches its pattern and every value is a plain file name (:mod:`abliterate.names`)."""
+    for table, entries in (("shards", shards), ("files", files)):
+        for key, name in entries.items():
+            check_key(key, table, where)
+            check_file_name(name, where)
 
 
 def yaml_scalar(text: str) -> str:
@@ -67,6 +80,7 @@ def yaml_scalar(text: str) -> str:
 
 
 def render_model_yaml(shards: dict[str, str], files: dict[str, str], header: str = DEFAULT_HEADER) -> str:
+    check_tables(shards, files, "model.yaml")
     lines = [header.rstrip("\n"), "shards:"]
     lines += [f"  {json.dumps(k)}: {yaml_scalar(v)}" for k, v in sorted(shards.items())]
     lines.append("files:" if files else "files: {}")
@@ -86,17 +100,30 @@ def model_yaml_header(path: Path) -> str:
     return "\n".join(header) + "\n" if header else DEFAULT_HEADER
 
 
-def read_shards(path: str | Path) -> dict[str, str]:
-    """The ``shards`` table of model.yaml; one line if the file is missing, unreadable or has none."""
+def _read_table(path: str | Path, table: str) -> dict:
     import yaml
 
     try:
-        shards = (yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}).get("shards")
+        found = (yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}).get(table)
     except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError) as exc:
-        fail(f"cannot read the shard list in {path} ({type(exc).__name__}); run `abliterate use SOURCE` again")
-    if not isinstance(shards, dict) or not shards:
-        fail(f"{path} has no `shards:` table; run `abliterate use SOURCE` again")
-    return {str(k): str(v) for k, v in shards.items()}
+        fail(f"cannot read the {table} list in {path} ({type(exc).__name__}); run `abliterate use SOURCE` again")
+    if not isinstance(found, dict) or (table == "shards" and not found):
+        fail(f"{path} has no `{table}:` table; run `abliterate use SOURCE` again")
+    return found
+
+
+def read_shards(path: str | Path) -> dict[str, str]:
+    """The ``shards`` table of model.yaml, checked; one line if the file is missing, unreadable or has none."""
+    shards = _read_table(path, "shards")
+    check_tables(shards, {}, path)
+    return dict(shards)
+
+
+def read_files(path: str | Path) -> dict[str, str]:
+    """The ``files`` table of model.yaml (key -> carried file name), checked."""
+    files = _read_table(path, "files")
+    check_tables({}, files, path)
+    return dict(files)
 
 
 def check_model_yaml(model_dir: str | Path, model_yaml: str | Path) -> None:

@@ -17,7 +17,8 @@ from abliterate.progress import PLAIN, Reporter
 
 def capture(model_dir: Path, prompts: str, out: Path, batch_size: int = 32, dtype: str = "auto",
             device: str = "auto", positions: str = "-1", system_prompt: str = "", chat_template: str = "",
-            streaming: str = "auto", shared_prefix: bool = True, report: Reporter = PLAIN) -> dict:
+            streaming: str = "auto", shared_prefix: bool = True, max_prompt_tokens: int = 4096,
+            report: Reporter = PLAIN) -> dict:
     """Capture one prompt set's activations at every residual index into ``out`` (parquet).
 
     ``streaming``: ``on`` reads one decoder layer at a time (:mod:`abliterate.model.streaming`),
@@ -25,13 +26,16 @@ def capture(model_dir: Path, prompts: str, out: Path, batch_size: int = 32, dtyp
     ``shared_prefix``: in memory, the tokens every prompt starts with (system block, role header) run
     once per pass (:mod:`abliterate.model.prefix`; kept only if the first batch agrees with the plain
     forward within 1e-4 relative); the streamed pass computes every token.
+    ``max_prompt_tokens``: the longest rendered prompt accepted (the model's context also caps it),
+    checked before any forward pass (:mod:`abliterate.model.prompt_limits`).
     Returns a summary dict (prompts, positions, layers, hidden size, seconds, streamed).
     """
     from abliterate.formats.activations import INDEX_CONVENTION, ActivationWriter
     from abliterate.hashing import sha256_file, sha256_text
     from abliterate.model import modelio
     from abliterate.model.hooks import capture_batches, parse_positions
-    from abliterate.model.prompts import load_prompts, prompts_hash, render, resolve_template, template_hash
+    from abliterate.model.prompt_limits import render_checked, token_limit, warn_small
+    from abliterate.model.prompts import load_prompts, prompts_hash, resolve_template, template_hash
 
     offsets = parse_positions(positions)
     if batch_size < 1:
@@ -44,9 +48,11 @@ def capture(model_dir: Path, prompts: str, out: Path, batch_size: int = 32, dtyp
     where = place(streaming, Path(model_dir), dtype, device)
     streamed = where == "stream"
     texts = load_prompts(prompts)
+    warn_small(texts, str(prompts), report)
+    limit = token_limit(modelio.read_config(model_dir), max_prompt_tokens)
     tokenizer = modelio.load_tokenizer(model_dir)
     template = resolve_template(tokenizer, chat_template)
-    sequences = render(tokenizer, texts, system_prompt=system_prompt, chat_template=chat_template)
+    sequences = render_checked(tokenizer, texts, str(prompts), limit, system_prompt, chat_template)
     shortest = min(len(s) for s in sequences)
     if shortest < -offsets[0]:
         fail(f"capture position {offsets[0]} is before the start of a {shortest}-token prompt; use positions closer to -1")

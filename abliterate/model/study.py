@@ -33,6 +33,7 @@ class Study:
                  kl_budget: float | None, default: dict, validation: int, confirm_prompts: int,
                  proxy_tokens: int, startup_trials: int, batch_size: int, dtype: str, device: str, threads: int,
                  options: AblationOptions, system_prompt: str, chat_template: str, journal_dir: str,
+                 max_prompt_tokens: int = 4096,
                  report: Reporter = PLAIN):
         import torch
 
@@ -41,7 +42,8 @@ class Study:
         from abliterate.model.modelio import weight_map
         from abliterate.formats.directions import check_indices, load_directions
         from abliterate.hashing import sha256_file
-        from abliterate.model.prompts import render, resolve_template, template_hash
+        from abliterate.model.prompt_limits import render_checked, token_limit
+        from abliterate.model.prompts import resolve_template, template_hash
         from abliterate.search_space import VERSION, component_roles
         from abliterate.targets import match_tensors
         from abliterate.model.validation import Scorer, split_validation
@@ -73,15 +75,18 @@ class Study:
         self.sets = split_validation(harmful, harmless, validation, confirm_prompts)
         tokenizer = load_tokenizer(model_dir)
         template = resolve_template(tokenizer, chat_template)
-        harmful_ids = render(tokenizer, self.sets.harmful, system_prompt, chat_template)
-        harmless_ids = render(tokenizer, self.sets.harmless, system_prompt, chat_template)
+        # every prompt within the context and capture.max-prompt-tokens, before the model is loaded
+        limit = token_limit(read_config(model_dir), max_prompt_tokens)
+        harmful_ids = render_checked(tokenizer, self.sets.harmful, str(harmful), limit, system_prompt, chat_template)
+        harmless_ids = render_checked(tokenizer, self.sets.harmless, str(harmless), limit, system_prompt,
+                                      chat_template)
+        confirm_ids = render_checked(tokenizer, self.sets.confirm, str(harmful), limit, system_prompt, chat_template)
         device = pick_device(device)
         from abliterate.model.streaming import resolve_dtype
 
         dtype = resolve_dtype(dtype, device, Path(model_dir))
         _check_fits(Path(model_dir), dtype, device)
         model = load_model(model_dir, dtype, device)
-        confirm_ids = render(tokenizer, self.sets.confirm, system_prompt, chat_template)
         self.scorer = Scorer(model, tokenizer, harmful_ids, harmless_ids, batch_size=batch_size, device=device,
                              confirm_ids=confirm_ids)
         base_hash = self.scorer.remember_base()
