@@ -1,0 +1,95 @@
+"""FP8 (E4M3) weights with float scales: block-scaled and per-tensor / per-channel.
+
+One rule covers the three layouts: the weight ``[rows, cols]`` is cut into a grid ``[R, C]`` of
+blocks ``bm x bn`` (the last row and column of blocks may be partial: ``R = ceil(rows / bm)``),
+and every element is ``value = e4m3(code) * scale[block]`` in float32.
+
+* block-scaled (``quant_method: fp8``, DeepSeek-V3, Qwen3-FP8): ``weight_scale_inv`` float32
+  ``[ceil(rows/128), ceil(cols/128)]`` for ``weight_block_size [128, 128]``; despite its name it
+  is the multiplier of the codes (the inverse of the scale the weights were divided by);
+* per-tensor (``compressed-tensors``, strategy ``tensor``): ``weight_scale`` of shape ``[]`` or
+  ``[1]``: one block;
+* per-channel (strategy ``channel``): ``weight_scale [rows, 1]``: one block per row.
+
+Fresh scales (:func:`quantize`): per block, the candidates are the block's old scale (a hint), the
+max-based scale ``amax / 448`` and that scale times ``2**(k/16)`` for ``k = -2, -1, 1, 2`` (a smaller one clips
+the largest values a little but can place the others better on the grid); the one whose
+de-quantized block has the least squared error is kept (:func:`abliterate.quant.numerics.best_codes`).
+Scales stored in bf16/fp16 are rounded to that dtype before they are tried, so the search sees
+what de-quantization will.
+"""
+
+from __future__ import annotations
+
+FACTORS = (1.0, 2.0 ** (-1 / 16), 2.0 ** (-2 / 16), 2.0 ** (1 / 16), 2.0 ** (2 / 16))
+
+
+def grid_of(rows: int, cols: int, scale_shape: tuple[int, ...], block: tuple[int, int] | None):
+    """``((R, C), (bm, bn))`` for a weight ``[rows, cols]`` and a scale of ``scale_shape``, or ``None``
+    if the two do not fit together. ``block``: the configured block size (block-scaled), else ``None``."""
+    import math
+
+    if len(scale_shape) == 0 or scale_shape in ((1,), (1, 1)):
+        return (1, 1), (rows, cols)
+    if len(scale_shape) != 2:
+        return None
+    if block is None:  # per-channel [rows, 1] (or any grid dividing the weight evenly)
+        r, c = scale_shape
+        if rows % r or cols % c:
+            return None
+        return (r, c), (rows // r, cols // c)
+    bm, bn = block
+    if tuple(scale_shape) != (math.ceil(rows / bm), math.ceil(cols / bn)):
+        return None
+    return tuple(scale_shape), (bm, bn)
+
+
+def _blocks(values, grid, block):
+    """``[rows, cols]`` -> ``[R, C, bm * bn]`` float32 (zero padded: zeros cost no error at any scale)."""
+    import numpy as np
+
+    (r, c), (bm, bn) = grid, block
+    rows, cols = values.shape
+    padded = np.zeros((r * bm, c * bn), dtype=np.float32)
+    padded[:rows, :cols] = values
+    return padded.reshape(r, bm, c, bn).transpose(0, 2, 1, 3).reshape(r, c, bm * bn)
+
+
+def _unblocks(blocks, grid, block, shape):
+    (r, c), (bm, bn) = grid, block
+    full = blocks.reshape(r, c, bm, bn).transpose(0, 2, 1, 3).reshape(r * bm, c * bn)
+    return full[: shape[0], : shape[1]]
+
+
+def dequantize(codes, scales, grid, block):
+    """E4M3 codes ``[rows, cols]`` (uint8) and float32 scales (``grid`` elements) -> float32 values."""
+    import numpy as np
+
+    from abliterate.quant.numerics import decode_e4m3
+
+    (r, c), (bm, bn) = grid, block
+    rows, cols = codes.shape
+    per_element = np.repeat(np.repeat(np.asarray(scales, np.float32).reshape(r, c), bm, 0)[:rows], bn, 1)[:, :cols]
+    return decode_e4m3(codes) * per_element
+
+
+def quantize(values, grid, block, hint=None, round_scale=None):
+    """float32 ``[rows, cols]`` -> ``(codes uint8 [rows, cols], scales float32 [R, C])``, fresh scales.
+
+    ``hint``: the old scales (float32, ``grid`` elements), tried first; ``round_scale``: rounds
+    candidate scales to their storage dtype (``None``: float32).
+    """
+    import numpy as np
+
+    from abliterate.quant.numerics import E4M3_MAX, best_codes, decode_e4m3, encode_e4m3
+
+    blocks = _blocks(values, grid, block)
+    amax = np.abs(blocks).max(axis=-1)  # [R, C]
+    base = np.where(amax > 0, amax / np.float32(E4M3_MAX), np.float32(1.0)).astype(np.float32)
+    candidates = [] if hint is None else [np.asarray(hint, np.float32).reshape(grid)]
+    candidates += [(base * np.float32(f)).astype(np.float32) for f in FACTORS]
+    if round_scale is not None:
+        candidates = [round_scale(c) for c in candidates]
+    codes, chosen, _ = best_codes(blocks, candidates, encode_e4m3, decode_e4m3)
+    scales = np.choose(chosen, candidates).astype(np.float32)
+    return np.ascontiguousarray(_unblocks(codes, grid, block, values.shape)), scales

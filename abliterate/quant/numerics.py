@@ -1,0 +1,127 @@
+"""Element grids of the quantized formats and the per-block scale search, in numpy.
+
+* E4M3 (``float8_e4m3fn``): 1 sign, 4 exponent (bias 7), 3 mantissa bits; no infinity, codes
+  ``0x7F``/``0xFF`` are NaN, largest finite 448, subnormals step ``2**-9``. Encoding rounds to
+  nearest, ties to even (as torch's cast), after saturating to +-448.
+* E2M1 (FP4): magnitudes ``0, 0.5, 1, 1.5, 2, 3, 4, 6`` (codes 0-7), bit 3 the sign; encoding rounds
+  to nearest, ties to the even code, saturating at 6. Two codes per byte, the element with the
+  even index in the low nibble.
+* E8M0: a byte ``b`` is the scale ``2**(b - 127)`` (255 is NaN, never written).
+
+:func:`best_codes` picks, per block, the candidate scale whose de-quantized block has the least
+squared error against the float32 values (ties: the earlier candidate), so a block keeps its old
+scale whenever that is at least as good as a fresh one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+E4M3_MAX = 448.0
+E2M1_MAX = 6.0
+E8M0_BIAS = 127
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)  # between code i and i + 1
+
+
+def e4m3_table():
+    """The float32 value of every E4M3 code (``[256]``; NaN at ``0x7F`` and ``0xFF``)."""
+    import numpy as np
+
+    codes = np.arange(256)
+    exp, man = (codes >> 3) & 0xF, (codes & 7).astype(np.float64)
+    mag = np.where(exp == 0, man * 2.0**-9, (1.0 + man / 8.0) * np.exp2(exp - 7.0))
+    values = np.where(codes >> 7, -mag, mag)
+    values[[0x7F, 0xFF]] = np.nan
+    return values.astype(np.float32)
+
+
+_E4M3 = None
+
+
+def decode_e4m3(codes):
+    """E4M3 codes (uint8, any shape) -> float32 values."""
+    global _E4M3
+    if _E4M3 is None:
+        _E4M3 = e4m3_table()
+    return _E4M3[codes]
+
+
+def encode_e4m3(values):
+    """Finite float32 values -> E4M3 codes (uint8), saturating to +-448, round to nearest even."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=np.float32)
+    mag = np.minimum(np.abs(values), np.float32(E4M3_MAX))
+    _, exp = np.frexp(mag)  # mag = m * 2**exp with m in [0.5, 1): its binade is 2**(exp - 1)
+    step_exp = np.maximum(exp - 1, -6) - 3  # 3 mantissa bits; the subnormal step 2**-9 below 2**-6
+    rounded = np.ldexp(np.rint(np.ldexp(mag, -step_exp)), step_exp)  # exact: powers of two only
+    positive = e4m3_table()[:0x7F]  # increasing, 0 .. 448
+    codes = np.searchsorted(positive, rounded).astype(np.uint8)
+    return codes | (np.signbit(values).astype(np.uint8) << 7)
+
+
+def decode_e2m1(codes):
+    """E2M1 codes (uint8 0-15) -> float32 values."""
+    import numpy as np
+
+    table = np.array(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=np.float32)
+    return table[codes]
+
+
+def encode_e2m1(values):
+    """Finite float32 values -> E2M1 codes (uint8 0-15), saturating to +-6, ties to the even code."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=np.float32)
+    mag = np.abs(values)
+    mids = np.array(E2M1_MIDPOINTS, dtype=np.float32)
+    low = np.searchsorted(mids, mag, side="left")  # the lower code on a tie
+    high = np.searchsorted(mids, mag, side="right")  # the upper code on a tie
+    codes = np.where((low != high) & (low % 2 == 1), high, low).astype(np.uint8)  # a tie goes to the even code
+    return codes | (np.signbit(values).astype(np.uint8) << 3)
+
+
+def unpack_nibbles(packed):
+    """``[..., n]`` bytes -> ``[..., 2n]`` codes: the low nibble first (even index), then the high one."""
+    import numpy as np
+
+    out = np.empty(packed.shape[:-1] + (2 * packed.shape[-1],), dtype=np.uint8)
+    out[..., 0::2] = packed & 0x0F
+    out[..., 1::2] = packed >> 4
+    return out
+
+
+def pack_nibbles(codes):
+    """``[..., 2n]`` codes (0-15) -> ``[..., n]`` bytes (inverse of :func:`unpack_nibbles`)."""
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype("uint8")
+
+
+def best_codes(blocks, candidates: Sequence, encode: Callable, decode: Callable):
+    """Per block, the codes of the candidate scale with the least squared error.
+
+    ``blocks``: float32 ``[..., n]`` (one block per leading index); ``candidates``: float32 scale
+    arrays of the leading shape ``[...]`` (the values as de-quantization will use them); a value is
+    stored as ``code = encode(x / scale)`` and read back as ``decode(code) * scale`` (float32). A
+    zero or non-finite candidate is skipped for its block unless nothing else is left.
+    Returns ``(codes [..., n] uint8, chosen candidate index [...], squared error [...] fp64)``.
+    """
+    import numpy as np
+
+    lead = blocks.shape[:-1]
+    best = np.zeros(blocks.shape, dtype=np.uint8)
+    best_err = np.full(lead, np.inf)
+    chosen = np.zeros(lead, dtype=np.int64)
+    for index, scale in enumerate(candidates):
+        scale = np.broadcast_to(np.asarray(scale, dtype=np.float32), lead)
+        usable = np.isfinite(scale) & (scale > 0)
+        safe = np.where(usable, scale, np.float32(1.0))[..., None]
+        codes = encode(blocks / safe)
+        back = decode(codes) * np.where(usable, scale, np.float32(0.0))[..., None]
+        err = np.square((back - blocks).astype(np.float64)).sum(axis=-1)
+        err = np.where(usable | (index == len(candidates) - 1), err, np.inf)
+        better = err < best_err
+        best[better] = codes[better]
+        best_err = np.where(better, err, best_err)
+        chosen = np.where(better, index, chosen)
+    return best, chosen, best_err
