@@ -84,6 +84,11 @@ def check(base: Path, plan: ShardPlan, out: Path) -> dict[str, list[Edit]]:
     header = read_header(base)
     grouped = plan.by_tensor()
     for name, edits in grouped.items():
+        if edits[0].storage is not None:  # stored quantized: its own checks (abliterate.quant.rewrite)
+            from abliterate.quant.rewrite import check_stored
+
+            check_stored(header, name, edits)
+            continue
         info = header.tensors.get(name)
         if info is None or info.dtype != edits[0].dtype or tuple(info.shape) != tuple(edits[0].shape):
             got = "missing" if info is None else f"{info.dtype} {list(info.shape)}"
@@ -118,7 +123,12 @@ def ablate_shard(base: Path, plan: ShardPlan, out: Path, progress: Callable[[int
     from abliterate.formats.safetensors_io import patch_copy
 
     grouped = check(base, plan, out)  # every check before the first byte is written
+    plain = {name: edits for name, edits in grouped.items() if edits[0].storage is None}
     with atomic_path(out) as tmp:
         # The kernel starts copying the unedited bytes while numpy loads and the producers are built.
-        patch_copy(base, tmp, lambda: producers(grouped), progress, names=list(grouped))
+        patch_copy(base, tmp, lambda: producers(plain), progress, names=list(plain))
+        if len(plain) < len(grouped):  # quantized tensors: copied above, now rewritten with their scales
+            from abliterate.quant.rewrite import rewrite_quantized
+
+            rewrite_quantized(base, tmp, {n: e for n, e in grouped.items() if n not in plain})
     return len(grouped)

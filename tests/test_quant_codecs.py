@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from abliterate.quant import fp8, mxfp4, nvfp4
+from quant_util import grid_step
 from abliterate.quant.numerics import (E2M1_VALUES, decode_e2m1, decode_e4m3, encode_e2m1, encode_e4m3, pack_nibbles,
                                        unpack_nibbles)
 
@@ -58,10 +59,9 @@ def test_fp8_round_trip_and_bounds(shape, scale_shape, block):
     w = _weights(*shape)
     codes, scales = fp8.quantize(w, grid, blk)
     back = fp8.dequantize(codes, scales, grid, blk)
-    # fresh quantization: within one grid step (1/8 of the binade, relative) or clipped by at most 2**(2/16)
+    # fresh quantization: every element within one grid step of its value (clipping included)
     per_element = np.repeat(np.repeat(scales, blk[0], 0)[: shape[0]], blk[1], 1)[:, : shape[1]]
-    step = np.maximum(2.0 ** (np.floor(np.log2(np.maximum(np.abs(w) / per_element, 2.0**-6))) - 3), 2.0**-9)
-    assert (np.abs(back - w) <= np.maximum(step * per_element, np.abs(w) * (1 - 2.0 ** (-2 / 16))) + 1e-12).all()
+    assert (np.abs(back - w) <= grid_step(w, per_element, "e4m3")).all()
     # already quantized data with its scales as the hint: the very same bytes come back
     again_codes, again_scales = fp8.quantize(back, grid, blk, hint=scales)
     assert np.array_equal(again_codes, codes) and np.array_equal(again_scales, scales)
@@ -94,8 +94,7 @@ def test_mxfp4_round_trip_and_bounds():
     q_blocks, q_scales = mxfp4.quantize(w)
     back = mxfp4.dequantize(q_blocks, q_scales)
     scale = mxfp4.exponent_scale(q_scales).repeat(32, axis=-1)
-    # within half a grid step of the E2M1 grid (the step is 2 * scale at the top binade), or saturated
-    assert (np.abs(back - w) <= np.maximum(scale, np.abs(w) - 6 * scale) + 1e-12).all()
+    assert (np.abs(back - w) <= grid_step(w, scale, "e2m1")).all()
     top = np.ceil(np.log2(np.abs(w.reshape(16, 3, 32)).max(-1) / 6)) + 127
     plain = mxfp4.dequantize(*_mx_plain(w, top))
     assert np.square(back - w).sum() <= np.square(plain - w).sum()
@@ -118,5 +117,5 @@ def test_nvfp4_round_trip_and_bounds():
     q, codes, scale_2 = nvfp4.quantize(w)
     back = nvfp4.dequantize(q, codes, scale_2)
     block = (decode_e4m3(codes) * np.float32(scale_2)).repeat(16, axis=-1)
-    assert (np.abs(back - w) <= np.maximum(block, np.abs(w) - 6 * block) + 1e-12).all()
+    assert (np.abs(back - w) <= grid_step(w, block, "e2m1")).all()
     assert np.square(back - w).sum() < 0.02 * np.square(w).sum()

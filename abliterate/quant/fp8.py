@@ -12,16 +12,17 @@ and every element is ``value = e4m3(code) * scale[block]`` in float32.
 * per-channel (strategy ``channel``): ``weight_scale [rows, 1]``: one block per row.
 
 Fresh scales (:func:`quantize`): per block, the candidates are the block's old scale (a hint), the
-max-based scale ``amax / 448`` and that scale times ``2**(k/16)`` for ``k = -2, -1, 1, 2`` (a smaller one clips
-the largest values a little but can place the others better on the grid); the one whose
-de-quantized block has the least squared error is kept (:func:`abliterate.quant.numerics.best_codes`).
+max-based scale ``amax / 448`` and that scale times ``2**(k/16)`` for ``k = -1, 1, 2`` (the smaller one
+clips the largest values by less than one grid step but can place the others better on the grid);
+the one whose de-quantized block has the least squared error is kept
+(:func:`abliterate.quant.numerics.best_codes`, which never lets a candidate clip by more than one step).
 Scales stored in bf16/fp16 are rounded to that dtype before they are tried, so the search sees
 what de-quantization will.
 """
 
 from __future__ import annotations
 
-FACTORS = (1.0, 2.0 ** (-1 / 16), 2.0 ** (-2 / 16), 2.0 ** (1 / 16), 2.0 ** (2 / 16))
+FACTORS = (1.0, 2.0 ** (-1 / 16), 2.0 ** (1 / 16), 2.0 ** (2 / 16))
 
 
 def grid_of(rows: int, cols: int, scale_shape: tuple[int, ...], block: tuple[int, int] | None):
@@ -90,6 +91,6 @@ def quantize(values, grid, block, hint=None, round_scale=None):
     candidates += [(base * np.float32(f)).astype(np.float32) for f in FACTORS]
     if round_scale is not None:
         candidates = [round_scale(c) for c in candidates]
-    codes, chosen, _ = best_codes(blocks, candidates, encode_e4m3, decode_e4m3)
+    codes, chosen, _ = best_codes(blocks, candidates, encode_e4m3, decode_e4m3, (E4M3_MAX, 32.0))
     scales = np.choose(chosen, candidates).astype(np.float32)
     return np.ascontiguousarray(_unblocks(codes, grid, block, values.shape)), scales

@@ -9,7 +9,8 @@ are the *output* features of the projection, so the quantized ``down_proj`` of g
 
 Fresh scales (:func:`quantize`): per block, the candidates are the old exponent (a hint), the
 smallest exponent that does not clip (``ceil(log2(amax / 6))``) and the one below it (values above
-``6 * 2**e`` saturate, the rest get twice the resolution); the least squared error wins.
+``6 * 2**e`` saturate, the rest get twice the resolution; allowed only where it clips by at most one
+grid step, i.e. ``amax <= 8 * 2**e``); the least squared error wins.
 """
 
 from __future__ import annotations
@@ -54,6 +55,6 @@ def quantize(values, hint=None):
     exponents = [] if hint is None else [np.asarray(hint).astype(np.int64)]
     exponents += [top, top - 1]
     candidates = [exponent_scale(e) for e in exponents]
-    codes, chosen, _ = best_codes(blocks, candidates, encode_e2m1, decode_e2m1)
+    codes, chosen, _ = best_codes(blocks, candidates, encode_e2m1, decode_e2m1, (E2M1_MAX, 2.0))
     scales = np.choose(chosen, exponents).astype(np.uint8)
     return pack_nibbles(codes), scales

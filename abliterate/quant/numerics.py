@@ -97,24 +97,28 @@ def pack_nibbles(codes):
     return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype("uint8")
 
 
-def best_codes(blocks, candidates: Sequence, encode: Callable, decode: Callable):
+def best_codes(blocks, candidates: Sequence, encode: Callable, decode: Callable, top: tuple[float, float]):
     """Per block, the codes of the candidate scale with the least squared error.
 
     ``blocks``: float32 ``[..., n]`` (one block per leading index); ``candidates``: float32 scale
     arrays of the leading shape ``[...]`` (the values as de-quantization will use them); a value is
-    stored as ``code = encode(x / scale)`` and read back as ``decode(code) * scale`` (float32). A
-    zero or non-finite candidate is skipped for its block unless nothing else is left.
+    stored as ``code = encode(x / scale)`` and read back as ``decode(code) * scale`` (float32).
+    ``top``: the grid's largest value and its spacing there (E4M3: 448, 32; E2M1: 6, 2): a
+    candidate may clip a block's largest value by at most that one step, so every element ends
+    within one grid step of its float32 value. A zero, non-finite or clipping candidate is
+    skipped for its block unless nothing else is left (then the last one is used).
     Returns ``(codes [..., n] uint8, chosen candidate index [...], squared error [...] fp64)``.
     """
     import numpy as np
 
     lead = blocks.shape[:-1]
+    amax = np.abs(blocks).max(axis=-1).astype(np.float64)
     best = np.zeros(blocks.shape, dtype=np.uint8)
     best_err = np.full(lead, np.inf)
     chosen = np.zeros(lead, dtype=np.int64)
     for index, scale in enumerate(candidates):
         scale = np.broadcast_to(np.asarray(scale, dtype=np.float32), lead)
-        usable = np.isfinite(scale) & (scale > 0)
+        usable = np.isfinite(scale) & (scale > 0) & (amax <= (top[0] + top[1]) * scale.astype(np.float64))
         safe = np.where(usable, scale, np.float32(1.0))[..., None]
         codes = encode(blocks / safe)
         back = decode(codes) * np.where(usable, scale, np.float32(0.0))[..., None]

@@ -49,7 +49,7 @@ def quantize(values, hint_codes=None, hint_scale_2: float | None = None):
         codes = [] if hint_codes is None else [np.asarray(hint_codes).astype(np.int64)]
         codes += [nearest, np.minimum(nearest + 1, 0x7E), np.maximum(nearest - 1, 0)]
         candidates = [decode_e4m3(c.astype(np.uint8)) * scale_2 for c in codes]
-        q, chosen, err = best_codes(blocks, candidates, encode_e2m1, decode_e2m1)
+        q, chosen, err = best_codes(blocks, candidates, encode_e2m1, decode_e2m1, (E2M1_MAX, 2.0))
         total = float(err.sum())
         if best is None or total < best[0]:
             best = (total, q, np.choose(chosen, codes).astype(np.uint8), float(scale_2))
