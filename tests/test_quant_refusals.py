@@ -1,0 +1,56 @@
+"""Quantization methods that cannot be edited in place: one line naming the method and what to do,
+a non-zero exit, nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tiny
+from ablation_util import write_directions, write_model_yaml, write_scores
+
+BAD = {
+    "bitsandbytes 4-bit": {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+    "gptq 4-bit": {"quant_method": "gptq", "bits": 4, "group_size": 128},
+    "awq 4-bit": {"quant_method": "awq", "bits": 4, "version": "gemm"},
+    "hqq": {"quant_method": "hqq", "quant_config": {"weight_quant_params": {"nbits": 4}}},
+    "compressed-tensors pack-quantized": {"quant_method": "compressed-tensors", "format": "pack-quantized"},
+    "ModelOpt W4A8_AWQ": {"quant_method": "modelopt", "quant_algo": "W4A8_AWQ"},
+    "ue8m0": {"quant_method": "fp8", "weight_block_size": [128, 128], "scale_fmt": "ue8m0"},
+}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("refusals")
+    model = tiny.make_model("llama", root / "model", layers=2)
+    return root, model, write_directions(root / "directions.safetensors", 2), write_scores(root / "layers.json", 2, 1)
+
+
+@pytest.mark.parametrize("what", list(BAD))
+def test_method_is_refused_in_one_line(what, inputs, tmp_path):
+    root, model, directions, scores = inputs
+    bad = tmp_path / "model"
+    bad.mkdir()
+    for f in model.iterdir():
+        os.link(f, bad / f.name)
+    config = json.loads((model / "config.json").read_text())
+    config["quantization_config"] = BAD[what]
+    (bad / "config.json").unlink()
+    (bad / "config.json").write_text(json.dumps(config))
+    shards = write_model_yaml(bad, tmp_path / "model.yaml")
+    out = tmp_path / "plan"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    done = subprocess.run([sys.executable, "-m", "stages.plan", "--model", str(bad), "--shards", str(shards),
+                           "--directions", str(directions), "--scores", str(scores), "--out", str(out),
+                           "--layers", "0-1", "--overrides-from", ""], env=env, capture_output=True, text=True)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: ") and what.split()[0].lower() in lines[0].lower(), lines[0]
+    assert "instead" in lines[0] or "supported" in lines[0]
+    assert not out.exists()
