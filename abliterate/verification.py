@@ -10,7 +10,11 @@ checks, streaming both models chunk by chunk:
   the max over columns (rows for the residual-last layouts) of ``|r . (g * w)| / |g * w|`` where
   ``g`` is the norm gain in between (for routers, readers: ``|w . (g * r)| / (|w| |g * r|)``);
   checked where the edit's scale is 1 (other scales leave part of the direction on purpose);
-* norm-preserving edits kept every column's (row's) norm.
+* norm-preserving edits kept every column's (row's) norm;
+* a target stored quantized (FP8, MXFP4, NVFP4) is compared de-quantized, its codes and scales
+  counted as the tensor itself: its component and norm drift may be at most twice what plain
+  re-quantization of the exact edit leaves (the floor, shown in the layer's label;
+  :mod:`abliterate.quant.check`).
 
 Tolerance: ``--tolerance`` or, by default, ``max(1e-5, 16 u / sqrt(hidden))`` with ``u`` the
 unit roundoff of the stored dtype (rounding to bf16 re-injects a little of ``r``); for the norm
@@ -119,6 +123,9 @@ def verify(base: Path, ablated: Path, tolerance: float = 0.0) -> tuple[list[list
         for name, group in parse_shard_plan(doc, f"{PROVENANCE} (shard {key})").by_tensor().items():
             edits.setdefault(name, []).extend(group)
     hidden = int(prov["settings"]["hidden_size"])
+    from abliterate.quant.check import covered, quantized_metrics
+
+    stored_as = covered(edits)  # quantized targets: their codes and scales, measured de-quantized
     per_layer: dict = {}
     same_headers, untouched, untouched_ok = 0, 0, 0
     files = sorted(set(names.values()))
@@ -128,6 +135,9 @@ def verify(base: Path, ablated: Path, tolerance: float = 0.0) -> tuple[list[list
         try:
             same_headers += int(hb.data_start == ha.data_start and _same_bytes(fd_b, fd_a, 0, hb.data_start))
             for name, info in sorted(hb.tensors.items()):
+                name, measured_by = stored_as.get(name, (name, True))
+                if not measured_by:
+                    continue
                 if name not in edits:
                     untouched += 1
                     untouched_ok += int(_same_bytes(fd_b, fd_a, info.begin, info.end))
@@ -137,17 +147,24 @@ def verify(base: Path, ablated: Path, tolerance: float = 0.0) -> tuple[list[list
                 gain = None
                 if gname:
                     gain = _vector(Path(ablated) / names[gname], gname) + float(tensor_edits[-1].gain_offset)
-                comp, drift = edited_metrics(fd_b, fd_a, info, tensor_edits, gain)
-                tol = tolerance_for(info.dtype, hidden, tolerance)
+                if tensor_edits[0].storage is not None:
+                    found = quantized_metrics(Path(base) / file, Path(ablated) / file, tensor_edits, gain)
+                    comp, drift, tol, norm_tol = found["comp"], found["drift"], found["tol"], found["norm_tol"]
+                    tolerance_floor = found["floor"]
+                else:
+                    comp, drift = edited_metrics(fd_b, fd_a, info, tensor_edits, gain)
+                    tol = tolerance_for(info.dtype, hidden, tolerance)
+                    norm_tol, tolerance_floor = norm_tolerance_for(info.dtype, hidden, tolerance), None
                 check_comp = float(tensor_edits[-1].scale) == 1.0
                 check_norm = all(e.norm_preserve for e in tensor_edits)
-                ok = (not check_comp or comp <= tol) and (not check_norm or drift <= norm_tolerance_for(
-                    info.dtype, hidden, tolerance))
+                ok = (not check_comp or comp <= tol) and (not check_norm or drift <= norm_tol)
                 layer = tensor_edits[-1].layer
                 entry = per_layer.setdefault(layer, {"n": 0, "comp": None, "drift": None, "ok": True, "tol": tol})
                 entry["n"] += 1
                 entry["ok"] &= ok
                 entry["tol"] = max(entry["tol"], tol)
+                if tolerance_floor is not None:
+                    entry["floor"] = max(entry.get("floor", 0.0), tolerance_floor)
                 if check_comp:
                     entry["comp"] = max(entry["comp"] or 0.0, comp)
                 if check_norm:
@@ -160,6 +177,8 @@ def verify(base: Path, ablated: Path, tolerance: float = 0.0) -> tuple[list[list
     for layer in sorted(per_layer, key=lambda k: -1 if k is None else k):
         e = per_layer[layer]
         label = "embeddings" if layer is None else f"layer {layer}: {e['n']} tensors"
+        if "floor" in e:  # quantized targets: the component plain re-quantization would leave
+            label += f" (re-quantization floor {e['floor']:.2e})"
         comp = "n/a (scale != 1)" if e["comp"] is None else f"{e['comp']:.2e}"
         drift = "n/a (plain)" if e["drift"] is None else f"{e['drift']:.2e}"
         rows.append([label, comp, drift, _ok(e["ok"])])
