@@ -54,3 +54,27 @@ def test_method_is_refused_in_one_line(what, inputs, tmp_path):
     assert lines[0].startswith("error: ") and what.split()[0].lower() in lines[0].lower(), lines[0]
     assert "instead" in lines[0] or "supported" in lines[0]
     assert not out.exists()
+
+
+def test_loader_reads_fp8_and_mxfp4_and_refuses_what_transformers_cannot_load(tmp_path):
+    import importlib.util
+
+    import torch
+
+    import quant_util as qu
+    from abliterate.errors import UserError
+    from abliterate.model.modelio import load_model
+
+    floats = tiny.make_model("llama", tmp_path / "float", layers=2)
+    fp8 = load_model(qu.quantize_model(floats, tmp_path / "fp8", "fp8-block"), device="cpu")
+    plain = load_model(floats, device="cpu")
+    diff = (fp8.model.layers[1].self_attn.o_proj.weight - plain.model.layers[1].self_attn.o_proj.weight).abs()
+    assert 0 < float(diff.max()) < 0.1 * float(plain.model.layers[1].self_attn.o_proj.weight.abs().max())
+    gpt = tiny.make_model("gpt_oss", tmp_path / "gpt", layers=2, intermediate_size=64)
+    mx = load_model(qu.quantize_model(gpt, tmp_path / "mxfp4", "mxfp4"), device="cpu")
+    assert mx.model.layers[0].mlp.experts.down_proj.dtype == torch.float32
+    with pytest.raises(UserError, match="ModelOpt NVFP4 checkpoint, which transformers cannot load"):
+        load_model(qu.quantize_model(floats, tmp_path / "nvfp4", "nvfp4"))
+    if importlib.util.find_spec("compressed_tensors") is None:
+        with pytest.raises(UserError, match="needs the compressed-tensors package"):
+            load_model(qu.quantize_model(floats, tmp_path / "ct", "fp8-channel"))

@@ -137,3 +137,24 @@ def quantized_target(name: str, layout: str, names: dict[str, str], info: dict, 
         fail(f"{name} and its scales are split over shards {', '.join(files)}; each shard is edited on its own, so "
              "they must be in one shard: re-save the checkpoint with them together")
     return (*found, files[0])
+
+
+def check_loadable(model: Path) -> None:
+    """Fail in one line where transformers cannot load a quantized checkpoint on this machine (the
+    stages that run the model: capture, baseline, evaluate, search). Block-scaled FP8 and MXFP4 load
+    (de-quantized where the device has no kernel); ModelOpt has no transformers loader (loading it
+    anyway would put raw codes into float weights), compressed-tensors needs its package."""
+    import importlib.util
+
+    if not (Path(model) / "config.json").is_file():
+        return
+    qc = method_of(model)
+    if qc is None:
+        return
+    if qc["quant_method"] == "modelopt":
+        fail(f"{model} is a ModelOpt {qc.get('quant_algo')} checkpoint, which transformers cannot load, so capture, "
+             "baseline, evaluate and search cannot run it; plan and ablate can edit it with directions measured on "
+             "the model's bf16 release")
+    if qc["quant_method"] == "compressed-tensors" and importlib.util.find_spec("compressed_tensors") is None:
+        fail(f"{model} is a compressed-tensors checkpoint; loading it needs the compressed-tensors package: "
+             "pip install compressed-tensors")
