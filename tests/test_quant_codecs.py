@@ -119,3 +119,17 @@ def test_nvfp4_round_trip_and_bounds():
     block = (decode_e4m3(codes) * np.float32(scale_2)).repeat(16, axis=-1)
     assert (np.abs(back - w) <= grid_step(w, block, "e2m1")).all()
     assert np.square(back - w).sum() < 0.02 * np.square(w).sum()
+
+
+def test_banded_search_gives_the_same_bytes(monkeypatch):
+    from abliterate.quant import numerics
+
+    w = _weights(300, 200)
+    grid, blk = fp8.grid_of(300, 200, (3, 2), (128, 128))
+    whole = fp8.quantize(w, grid, blk), mxfp4.quantize(w[:, :192]), nvfp4.quantize(w[:, :192])
+    monkeypatch.setattr(numerics, "BAND", 100)
+    monkeypatch.setattr(fp8, "BAND", 100)
+    banded = fp8.quantize(w, grid, blk), mxfp4.quantize(w[:, :192]), nvfp4.quantize(w[:, :192])
+    for a, b in zip(whole, banded):
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert np.array_equal(fp8.dequantize(*whole[0], grid, blk), fp8.dequantize(*banded[0], grid, blk))

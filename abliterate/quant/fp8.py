@@ -62,6 +62,16 @@ def _unblocks(blocks, grid, block, shape):
     return full[: shape[0], : shape[1]]
 
 
+BAND = 1 << 22  # elements quantized at a time: the candidates' temporaries stay a few tens of MB
+
+
+def _bands(grid, block, cols: int):
+    """Row ranges ``(block row from, block row to)`` of about :data:`BAND` elements each."""
+    (r, _), (bm, _) = grid, block
+    step = max(1, BAND // max(bm * cols, 1))
+    return [(a, min(a + step, r)) for a in range(0, r, step)]
+
+
 def dequantize(codes, scales, grid, block):
     """E4M3 codes ``[rows, cols]`` (uint8) and float32 scales (``grid`` elements) -> float32 values."""
     import numpy as np
@@ -70,27 +80,42 @@ def dequantize(codes, scales, grid, block):
 
     (r, c), (bm, bn) = grid, block
     rows, cols = codes.shape
-    per_element = np.repeat(np.repeat(np.asarray(scales, np.float32).reshape(r, c), bm, 0)[:rows], bn, 1)[:, :cols]
-    return decode_e4m3(codes) * per_element
+    scales = np.asarray(scales, np.float32).reshape(r, c)
+    out = np.empty((rows, cols), dtype=np.float32)
+    for a, b in _bands(grid, block, cols):
+        lo, hi = a * bm, min(b * bm, rows)
+        per_element = np.repeat(np.repeat(scales[a:b], bm, 0)[: hi - lo], bn, 1)[:, :cols]
+        np.multiply(decode_e4m3(codes[lo:hi]), per_element, out=out[lo:hi])
+    return out
 
 
 def quantize(values, grid, block, hint=None, round_scale=None):
     """float32 ``[rows, cols]`` -> ``(codes uint8 [rows, cols], scales float32 [R, C])``, fresh scales.
 
     ``hint``: the old scales (float32, ``grid`` elements), tried first; ``round_scale``: rounds
-    candidate scales to their storage dtype (``None``: float32).
+    candidate scales to their storage dtype (``None``: float32). Bands of block rows are searched
+    one at a time (blocks are independent), so memory stays near the codes' size.
     """
     import numpy as np
 
     from abliterate.quant.numerics import E4M3_MAX, best_codes, decode_e4m3, encode_e4m3
 
-    blocks = _blocks(values, grid, block)
-    amax = np.abs(blocks).max(axis=-1)  # [R, C]
-    base = np.where(amax > 0, amax / np.float32(E4M3_MAX), np.float32(1.0)).astype(np.float32)
-    candidates = [] if hint is None else [np.asarray(hint, np.float32).reshape(grid)]
-    candidates += [(base * np.float32(f)).astype(np.float32) for f in FACTORS]
-    if round_scale is not None:
-        candidates = [round_scale(c) for c in candidates]
-    codes, chosen, _ = best_codes(blocks, candidates, encode_e4m3, decode_e4m3, (E4M3_MAX, 32.0))
-    scales = np.choose(chosen, candidates).astype(np.float32)
-    return np.ascontiguousarray(_unblocks(codes, grid, block, values.shape)), scales
+    (r, c), (bm, bn) = grid, block
+    rows, cols = values.shape
+    codes = np.empty((rows, cols), dtype=np.uint8)
+    scales = np.empty((r, c), dtype=np.float32)
+    hint = None if hint is None else np.asarray(hint, np.float32).reshape(r, c)
+    for a, b in _bands(grid, block, cols):
+        lo, hi = a * bm, min(b * bm, rows)
+        band_grid = ((b - a, c), block)
+        blocks = _blocks(values[lo:hi], *band_grid)
+        amax = np.abs(blocks).max(axis=-1)  # [band, C]
+        base = np.where(amax > 0, amax / np.float32(E4M3_MAX), np.float32(1.0)).astype(np.float32)
+        candidates = [] if hint is None else [hint[a:b]]
+        candidates += [(base * np.float32(f)).astype(np.float32) for f in FACTORS]
+        if round_scale is not None:
+            candidates = [round_scale(x) for x in candidates]
+        found, chosen, _ = best_codes(blocks, candidates, encode_e4m3, decode_e4m3, (E4M3_MAX, 32.0))
+        scales[a:b] = np.choose(chosen, candidates)
+        codes[lo:hi] = _unblocks(found, *band_grid, (hi - lo, cols))
+    return codes, scales

@@ -22,6 +22,7 @@ E2M1_MAX = 6.0
 E8M0_BIAS = 127
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)  # between code i and i + 1
+BAND = 1 << 22  # elements per band in :func:`best_codes`
 
 
 def e4m3_table():
@@ -116,6 +117,12 @@ def best_codes(blocks, candidates: Sequence, encode: Callable, decode: Callable,
     import numpy as np
 
     lead = blocks.shape[:-1]
+    candidates = [np.broadcast_to(np.asarray(c, dtype=np.float32), lead) for c in candidates]
+    step = max(1, BAND // max(blocks[:1].size, 1)) if lead else 1
+    if lead and lead[0] > step:  # blocks are independent: a band at a time keeps the temporaries small
+        parts = [best_codes(blocks[a:a + step], [c[a:a + step] for c in candidates], encode, decode, top)
+                 for a in range(0, lead[0], step)]
+        return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
     amax = np.abs(blocks).max(axis=-1).astype(np.float64)
     best = np.zeros(blocks.shape, dtype=np.uint8)
     best_err = np.full(lead, np.inf)
