@@ -23,6 +23,7 @@ def steer(values, codes, scales, u, magnitudes, sign_bit: int, rounds: int = ROU
     """Re-round ``codes`` (``[hidden, n]``, the residual axis first) in place; returns them.
 
     ``values``: the float32 targets; ``scales``: the float32 scale of every element (same shape);
+    (or a function of a column slice giving those columns' scales, so no full-size copy is made);
     ``u``: the unit edit vector ``[hidden]``; ``magnitudes``: float32 value of each magnitude code
     (increasing from 0); ``sign_bit``: the code's sign bit (E4M3 ``0x80``, E2M1 ``0x8``).
     """
@@ -31,7 +32,8 @@ def steer(values, codes, scales, u, magnitudes, sign_bit: int, rounds: int = ROU
     step = max(1, (1 << 18) // max(codes.shape[0], 1))  # columns are independent: bounded memory per slice
     for start in range(0, codes.shape[1], step):
         part = slice(start, start + step)
-        codes[:, part] = _steer(values[:, part], codes[:, part], scales[:, part], u, magnitudes, sign_bit, rounds)
+        scale = scales(part) if callable(scales) else scales[:, part]
+        codes[:, part] = _steer(values[:, part], codes[:, part], scale, u, magnitudes, sign_bit, rounds)
     return codes
 
 

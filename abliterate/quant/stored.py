@@ -111,9 +111,18 @@ def quantize(record: dict, values, state: dict, u=None, layout: str = "columns")
     codes, scales = fp8.quantize(values, *grid, hint=state["scales"], round_scale=round_scale)
     if u is not None:
         (r, c), (bm, bn) = grid
-        per_element = np.repeat(np.repeat(scales.reshape(r, c), bm, 0)[: codes.shape[0]], bn, 1)[:, : codes.shape[1]]
-        _steer(values.T if flip else values, codes.T if flip else codes, per_element.T if flip else per_element, u,
-               E4M3)
+        rows, cols = codes.shape
+
+        def per_element(part: slice):  # the scales of a slice of the steered matrix's columns, made on demand
+            if flip:  # the steered matrix is the transpose: its columns are the stored rows
+                lo, hi, _ = part.indices(rows)
+                return np.repeat(np.repeat(scales[lo // bm: (hi - 1) // bm + 1], bm, 0), bn, 1)[
+                    lo % bm: lo % bm + hi - lo, :cols].T
+            lo, hi, _ = part.indices(cols)
+            return np.repeat(np.repeat(scales[:, lo // bn: (hi - 1) // bn + 1], bm, 0)[:rows], bn, 1)[
+                :, lo % bn: lo % bn + hi - lo]
+
+        _steer(values.T if flip else values, codes.T if flip else codes, per_element, u, E4M3)
     return {"weight": codes, "scale": _as_dtype(scales, dtype), "grid": grid, "scale_dtype": dtype}
 
 
