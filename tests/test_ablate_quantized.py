@@ -156,3 +156,31 @@ def test_quantized_checkpoint_is_ablated_in_its_format(family, fmt, overrides, t
         assert after[key] <= 2 * floor_shares[key] + 1e-6, key
         assert after[key] <= floor_shares[key] / 4 or key[1] == "attention" and fmt == "mxfp4", key  # bf16 o_proj
         assert after[key] <= before[key] / 10, key
+
+
+def test_ablate_stage_writes_the_same_bytes_from_the_command_line(tmp_path):
+    """The DVC command (one process per shard) gives what the library gave, byte for byte."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    floats = tiny.make_model("gpt_oss", tmp_path / "float", layers=2, intermediate_size=64)
+    base = qu.quantize_model(floats, tmp_path / "base", "mxfp4")
+    work = tmp_path / "work"
+    work.mkdir()
+    out = plan_and_ablate(base, work, layers="0-1", measurement="1", targets=TARGETS)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    table = yaml.safe_load((work / "model.yaml").read_text())["shards"]
+    quantized = {e["tensor"] for e, _ in plan_edits(work) if e.get("storage")}
+    shards = [(k, n) for k, n in table.items()
+              if any(e.get("storage") for e in json.loads((work / "plan" / f"{k}.json").read_text())["edits"])]
+    assert quantized and shards
+    for key, name in shards:
+        done = subprocess.run([sys.executable, "-m", "stages.ablate", "--base", str(base / name), "--plan",
+                               str(work / "plan" / f"{key}.json"), "--out", str(tmp_path / name)],
+                              env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert (tmp_path / name).read_bytes() == (out / name).read_bytes()
