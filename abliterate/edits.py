@@ -1,9 +1,11 @@
 """Building the edits of an ablation from the model: which tensor, which direction, which vector, how.
 
 :func:`build_edits` (used by ``plan`` and by the search's live edits) makes every check that needs
-the model's tensor names, dtypes and shapes: unknown architectures, quantized targets, tied
-embeddings, writer-like tensors the table does not know in a layer that is to be edited, layers
-without any targeted tensor, and shapes whose residual axis is not ``hidden``.
+the model's tensor names, dtypes and shapes: unknown architectures, quantization methods that
+cannot be edited in place (FP8, MXFP4 and NVFP4 targets get a storage record instead:
+:mod:`abliterate.quant.registry`), tied embeddings, writer-like tensors the table does not know in
+a layer that is to be edited, layers without any targeted tensor, and shapes whose residual axis is
+not ``hidden``.
 
 A setting's measurement may be fractional (the search stage proposes them): ``m = i + t`` with
 ``0 < t < 1`` takes ``normalize((1 - t) unit.i + t unit.(i+1))`` and, for biprojection, the

@@ -81,7 +81,6 @@ class Edit:
     shape: tuple[int, ...]
     storage: dict | None = None  # quantized storage (abliterate.quant.registry); None: plain floats
 
-
     def to_json(self, direction_id: str, vector_id: str) -> dict:
         """The plan file's entry: every field but ``file``, the vectors by their ids in the shard's table."""
         doc = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "file"}

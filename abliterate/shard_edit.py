@@ -5,7 +5,9 @@ byte copy (:func:`abliterate.formats.safetensors_io.patch_copy`). Memory stays a
 rows (1 MB in fp32), never a whole tensor or shard: a 2-D writer is read twice (column
 statistics, then the edit), every other layout once. The chunk math runs on numpy: no torch
 import, so a process per shard starts in a fraction of a second. The output is written under a
-temporary name and renamed, and the input is never written to.
+temporary name and renamed, and the input is never written to. Targets stored quantized (FP8,
+MXFP4, NVFP4) are copied with the rest, then rewritten in their own format
+(:mod:`abliterate.quant.rewrite`).
 """
 
 from __future__ import annotations

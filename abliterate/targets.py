@@ -97,8 +97,7 @@ MODEL_PREFIXES = ("model.", "model.language_model.", "language_model.model.", "m
 WRITER_HINTS = ("o_proj", "out_proj", "down_proj", "w2", "c_proj", "dense_4h_to_h", "fc2", "wo", "dense",
                 "output_linear")
 QUANT_SUFFIXES = (".input_scale", "_blocks", "_scales", "_scale_inv", "_scale_2", "_scale", ".absmax", ".quant_map",
-                  ".quant_state", ".SCB",
-                  ".weight_format", ".qweight", ".qzeros", ".g_idx")
+                  ".quant_state", ".SCB", ".weight_format", ".qweight", ".qzeros", ".g_idx")
 
 
 @dataclass(frozen=True)
