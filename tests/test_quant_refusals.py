@@ -78,3 +78,47 @@ def test_loader_reads_fp8_and_mxfp4_and_refuses_what_transformers_cannot_load(tm
     if importlib.util.find_spec("compressed_tensors") is None:
         with pytest.raises(UserError, match="needs the compressed-tensors package"):
             load_model(qu.quantize_model(floats, tmp_path / "ct", "fp8-channel"))
+
+
+def test_scales_in_another_shard_and_a_stale_plan_are_one_line_errors(tmp_path):
+    import yaml
+
+    import quant_util as qu
+    from ablation_util import plan_and_ablate
+    from abliterate.errors import UserError
+    from abliterate.formats.plans import load_shard_plan
+    from abliterate.shard_edit import ablate_shard
+    from safetensors.torch import load_file, save_file
+
+    floats = tiny.make_model("llama", tmp_path / "float", layers=2)
+    base = qu.quantize_model(floats, tmp_path / "base", "fp8-block")
+    work = tmp_path / "work"
+    work.mkdir()
+    plan_and_ablate(base, work, layers="0-1", measurement="1", targets="attention")
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    weight = "model.layers.1.self_attn.o_proj.weight"
+    shards = yaml.safe_load((work / "model.yaml").read_text())["shards"]
+    key, name = next((k, n) for k, n in shards.items() if n == index["weight_map"][weight])
+    (tmp_path / "stale").mkdir()
+    stale = tmp_path / "stale" / name  # the scale grid of the edited tensor changed since the plan
+    tensors = load_file(base / name)
+    tensors[weight + "_scale_inv"] = tensors[weight + "_scale_inv"][:1]
+    save_file(tensors, stale, metadata={"format": "pt"})
+    with pytest.raises(UserError, match=f"quantized tensor {weight} in .* the plan is out of date"):
+        ablate_shard(stale, load_shard_plan(work / "plan" / f"{key}.json"), tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+    # move the scale into another shard: plan refuses (each shard is edited on its own)
+    other = next(f for f in sorted(set(index["weight_map"].values())) if f != name)
+    moved = load_file(base / name)
+    scale = moved.pop(weight + "_scale_inv")
+    save_file(moved, base / name, metadata={"format": "pt"})
+    extra = load_file(base / other)
+    extra[weight + "_scale_inv"] = scale
+    save_file(extra, base / other, metadata={"format": "pt"})
+    index["weight_map"][weight + "_scale_inv"] = other
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+    again = tmp_path / "again"
+    again.mkdir()
+    with pytest.raises(UserError, match="split over shards"):
+        plan_and_ablate(base, again, layers="0-1", measurement="1", targets="attention")

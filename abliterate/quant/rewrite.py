@@ -37,6 +37,22 @@ def logical(record: dict, tensors: dict) -> tuple[str, tuple[int, ...]] | None:
     return weight.dtype, tuple(weight.shape)
 
 
+def scales_fit(record: dict, tensors: dict) -> bool:
+    """The scales have the shape and dtype their weight needs (a shard re-saved since the plan may not)."""
+    from abliterate.quant.fp8 import grid_of
+
+    if record["format"] == "mxfp4":
+        blocks, scales = tensors[record["blocks"]], tensors[record["scales"]]
+        return scales.dtype == "U8" and tuple(scales.shape) == tuple(blocks.shape[:-1])
+    weight, scale = tensors[record["weight"]], tensors[record["scale"]]
+    if record["format"] == "nvfp4":
+        rows, half = weight.shape
+        return (scale.dtype == "F8_E4M3" and tuple(scale.shape) == (rows, half * 2 // 16)
+                and tensors[record["scale_2"]].numel == 1)
+    block = tuple(record["block"]) if "block" in record else None
+    return scale.dtype in ("F32", "BF16", "F16") and grid_of(*weight.shape, tuple(scale.shape), block) is not None
+
+
 def check_stored(header, name: str, edits: list[Edit]) -> None:
     """The plan's quantized tensor matches the shard (names, dtypes, logical shape); plain Python."""
     record = edits[0].storage
@@ -45,8 +61,9 @@ def check_stored(header, name: str, edits: list[Edit]) -> None:
     if len({e.layout for e in edits}) != 1 or (record["format"] == "mxfp4" and edits[0].layout != "rows"):
         fail(f"the plan mixes layouts for tensor {name}; {FIX}")
     found = logical(record, header.tensors)
-    if found is None or found != (edits[0].dtype, tuple(edits[0].shape)):
+    if found is None or found != (edits[0].dtype, tuple(edits[0].shape)) or not scales_fit(record, header.tensors):
         got = "missing" if found is None else f"{found[0]} {list(found[1])}"
+        got += "" if found is None or found != (edits[0].dtype, tuple(edits[0].shape)) else " with other scales"
         fail(f"quantized tensor {name} in {header.path} is {got}, but the plan expects {edits[0].dtype} "
              f"{list(edits[0].shape)}; the plan is out of date: {FIX}")
 
