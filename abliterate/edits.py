@@ -1,9 +1,11 @@
 """Building the edits of an ablation from the model: which tensor, which direction, which vector, how.
 
 :func:`build_edits` (used by ``plan`` and by the search's live edits) makes every check that needs
-the model's tensor names, dtypes and shapes: unknown architectures, quantized targets, tied
-embeddings, writer-like tensors the table does not know in a layer that is to be edited, layers
-without any targeted tensor, and shapes whose residual axis is not ``hidden``.
+the model's tensor names, dtypes and shapes: unknown architectures, quantization methods that
+cannot be edited in place (FP8, MXFP4 and NVFP4 targets get a storage record instead:
+:mod:`abliterate.quant.registry`), tied embeddings, writer-like tensors the table does not know in
+a layer that is to be edited, layers without any targeted tensor, and shapes whose residual axis is
+not ``hidden``.
 
 A setting's measurement may be fractional (the search stage proposes them): ``m = i + t`` with
 ``0 < t < 1`` takes ``normalize((1 - t) unit.i + t unit.(i+1))`` and, for biprojection, the
@@ -31,7 +33,9 @@ def build_edits(model: Path, names: dict[str, str], config: dict, directions: di
     setting used for the embeddings.
     """
     from abliterate.formats.safetensors_io import read_header
+    from abliterate.quant.registry import method_of, quantized_target
 
+    qc = method_of(model)  # refuses, in one line, quantization methods that cannot be edited in place
     arch, prefix, matches, unmatched = match_tensors(names, config)
     hidden = int(config["hidden_size"])
     size = directions["direction.0"].numel()
@@ -44,13 +48,18 @@ def build_edits(model: Path, names: dict[str, str], config: dict, directions: di
     wanted = {e.layer for e in layer_edits if e.scale != 0}
     for name in unmatched:
         layer = int(name[len(prefix) + len("layers."):].split(".", 1)[0])
-        if layer not in wanted:
-            continue
         twin = quantized_twin(name)
         twin_match = next((m for m in matches if m.name == twin), None) if twin else None
         if twin and twin_match is None:
             _, _, more, _ = match_tensors([twin], config)
             twin_match = more[0] if more else None
+            if twin_match is not None and quantized_target(twin, twin_match.rule.layout, names, info, qc):
+                matches.append(twin_match)  # stored quantized (e.g. MXFP4 x_blocks/x_scales): edited as such
+                continue
+        elif twin_match is not None and quantized_target(twin, twin_match.rule.layout, names, info, qc):
+            continue  # the scale of a quantized target the table matched
+        if layer not in wanted:
+            continue
         if twin_match is not None and twin_match.rule.role not in roles:
             continue
         if twin_match is not None:
@@ -91,21 +100,23 @@ def build_edits(model: Path, names: dict[str, str], config: dict, directions: di
         return gname, gains[gname]
 
     def add(match: Match, setting: LayerEdit, r) -> Edit:
-        tinfo = info[match.name]
-        check_storable(match, tinfo.dtype, set(names), arch)
-        shape = tuple(tinfo.shape)
+        quantized = quantized_target(match.name, match.rule.layout, names, info, qc)
+        storage, dtype, shape, file = quantized or (None, info[match.name].dtype, tuple(info[match.name].shape),
+                                                    names[match.name])
+        if quantized is None:
+            check_storable(match, dtype, set(names), arch)
         ok = (len(shape) == 2 and shape[0] == hidden) if match.rule.layout == "columns" else (shape and shape[-1] == hidden)
         if not ok:
             fail(f"tensor {match.name} has shape {list(shape)}; its residual axis should have size {hidden} "
                  f"({match.rule.layout} layout): the {arch.name} table does not fit this checkpoint")
         gname, g = gain(match)
         return Edit(
-            tensor=match.name, file=names[match.name], role=match.rule.role, layer=match.layer,
+            tensor=match.name, file=file, role=match.rule.role, layer=match.layer,
             layout=match.rule.layout, bias=match.rule.bias, norm_preserve=options.norm_preserve and not match.rule.bias,
             scale=float(setting.scale), measurement=index_value(setting.measurement),
             sparsity=float(setting.sparsity), projected=options.projected, direction=r.numpy(),
             vector=fold_gain(r, g).numpy(), gain=gname, gain_offset=float(arch.gain_offset) if gname else 0.0,
-            dtype=tinfo.dtype, shape=shape,
+            dtype=dtype, shape=shape, storage=storage,
         )
 
     edits: list[Edit] = []

@@ -79,17 +79,20 @@ class Edit:
     gain_offset: float  # 1.0 where that norm computes x * (1 + weight)
     dtype: str  # the stored safetensors dtype
     shape: tuple[int, ...]
+    storage: dict | None = None  # quantized storage (abliterate.quant.registry); None: plain floats
 
     def to_json(self, direction_id: str, vector_id: str) -> dict:
         """The plan file's entry: every field but ``file``, the vectors by their ids in the shard's table."""
         doc = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "file"}
         doc.update(direction=direction_id, vector=vector_id, shape=list(self.shape))
+        if self.storage is None:  # plans of unquantized models keep their bytes
+            del doc["storage"]
         return doc
 
     @classmethod
     def from_json(cls, doc: dict, vectors: dict[str, Sequence[float]], file: str) -> Edit:
         """An entry of a plan file, its vector ids resolved in ``vectors`` (a ``KeyError`` if one is missing)."""
-        values = {f.name: doc[f.name] for f in fields(cls) if f.name != "file"}
+        values = {f.name: doc[f.name] for f in fields(cls) if f.name not in ("file", "storage")}
         values.update(file=file, direction=vectors[doc["direction"]], vector=vectors[doc["vector"]],
-                      shape=tuple(doc["shape"]))
+                      shape=tuple(doc["shape"]), storage=doc.get("storage"))
         return cls(**values)

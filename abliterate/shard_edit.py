@@ -5,7 +5,9 @@ byte copy (:func:`abliterate.formats.safetensors_io.patch_copy`). Memory stays a
 rows (1 MB in fp32), never a whole tensor or shard: a 2-D writer is read twice (column
 statistics, then the edit), every other layout once. The chunk math runs on numpy: no torch
 import, so a process per shard starts in a fraction of a second. The output is written under a
-temporary name and renamed, and the input is never written to.
+temporary name and renamed, and the input is never written to. Targets stored quantized (FP8,
+MXFP4, NVFP4) are copied with the rest, then rewritten in their own format
+(:mod:`abliterate.quant.rewrite`).
 """
 
 from __future__ import annotations
@@ -96,6 +98,11 @@ def check(base: Path, plan: ShardPlan, out: Path) -> dict[str, list[Edit]]:
     header = read_header(base)
     grouped = plan.by_tensor()
     for name, edits in grouped.items():
+        if edits[0].storage is not None:  # stored quantized: its own checks (abliterate.quant.rewrite)
+            from abliterate.quant.rewrite import check_stored
+
+            check_stored(header, name, edits)
+            continue
         info = header.tensors.get(name)
         if info is None or info.dtype != edits[0].dtype or tuple(info.shape) != tuple(edits[0].shape):
             got = "missing" if info is None else f"{info.dtype} {list(info.shape)}"
@@ -130,8 +137,13 @@ def ablate_shard(base: Path, plan: ShardPlan, out: Path, progress: Callable[[int
     from abliterate.formats.safetensors_io import patch_copy
 
     grouped = check(base, plan, out)  # every check before the first byte is written
+    plain = {name: edits for name, edits in grouped.items() if edits[0].storage is None}
     remove_stale(out)  # the temporary file of a killed run (full size: a shard's worth of disk)
     with atomic_path(out) as tmp:  # removed on every exit: error, Ctrl-C, SIGTERM (the stage makes it raise)
         # The kernel starts copying the unedited bytes while numpy loads and the producers are built.
-        patch_copy(base, tmp, lambda: producers(grouped), progress, names=list(grouped))
+        patch_copy(base, tmp, lambda: producers(plain), progress, names=list(plain))
+        if len(plain) < len(grouped):  # quantized tensors: copied above, now rewritten with their scales
+            from abliterate.quant.rewrite import rewrite_quantized
+
+            rewrite_quantized(base, tmp, {n: e for n, e in grouped.items() if n not in plain})
     return len(grouped)

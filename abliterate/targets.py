@@ -96,8 +96,8 @@ ARCHITECTURES = (
 MODEL_PREFIXES = ("model.", "model.language_model.", "language_model.model.", "model.text_model.", "transformer.")
 WRITER_HINTS = ("o_proj", "out_proj", "down_proj", "w2", "c_proj", "dense_4h_to_h", "fc2", "wo", "dense",
                 "output_linear")
-QUANT_SUFFIXES = ("_blocks", "_scales", "_scale_inv", "_scale", ".absmax", ".quant_map", ".quant_state", ".SCB",
-                  ".weight_format", ".qweight", ".qzeros", ".g_idx")
+QUANT_SUFFIXES = (".input_scale", "_blocks", "_scales", "_scale_inv", "_scale_2", "_scale", ".absmax", ".quant_map",
+                  ".quant_state", ".SCB", ".weight_format", ".qweight", ".qzeros", ".g_idx")
 
 
 @dataclass(frozen=True)
@@ -195,7 +195,7 @@ def quantized_twin(name: str) -> str | None:
     for suffix in QUANT_SUFFIXES:
         if name.endswith(suffix):
             base = name[: -len(suffix)]
-            return base if suffix != "_scale_inv" or base.endswith(".weight") else base + ".weight"
+            return base if suffix not in ("_scale_inv", ".input_scale") or base.endswith(".weight") else base + ".weight"
     return None
 
 

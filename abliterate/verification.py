@@ -18,7 +18,11 @@ both models chunk by chunk it checks (:mod:`abliterate.verify_folder`, :mod:`abl
   the max over columns (rows for the residual-last layouts) of ``|r . (g * w)| / |g * w|`` where
   ``g`` is the norm gain in between (for routers, readers: ``|w . (g * r)| / (|w| |g * r|)``);
   checked where the edit's scale is 1 (other scales leave part of the direction on purpose);
-* norm-preserving edits kept every column's (row's) norm.
+* norm-preserving edits kept every column's (row's) norm;
+* a target stored quantized (FP8, MXFP4, NVFP4) is compared de-quantized, its codes and scales
+  counted as the tensor itself: its component and norm drift may be at most twice what plain
+  re-quantization of the exact edit leaves (the floor, shown in the layer's label;
+  :mod:`abliterate.quant.check`).
 
 Tolerance: ``--tolerance`` or, by default, ``max(1e-5, 16 u / sqrt(hidden))`` with ``u`` the
 unit roundoff of the stored dtype (rounding to bf16 re-injects a little of ``r``); for the norm
@@ -37,7 +41,7 @@ from pathlib import Path
 from abliterate.errors import fail
 from abliterate.formats.safetensors_io import read_header
 from abliterate.records import Edit
-from abliterate.verify_tensors import recompute
+from abliterate.verify_tensors import recompute, recompute_quantized
 
 ROUNDOFF = {"F64": 2.0**-53, "F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0**-8}
 
@@ -146,6 +150,9 @@ def verify(base: Path, ablated: Path, plan_dir: Path | None = Path("artifacts/pl
     for key, plan in sorted(plans.items()):  # ablate's own check: the plan fits the base shard (names, dtypes, shapes)
         file = settings["shards"][key]
         edits.update(check_shard_plan(Path(base) / file, plan, Path(ablated) / file))
+    from abliterate.quant.check import covered, quantized_metrics
+
+    stored_as = covered(edits)  # quantized targets: their codes and scales, measured de-quantized
     rows: list[list[str]] = []
 
     def checked(label: str, problems: list[str], value: str = "") -> None:
@@ -174,27 +181,39 @@ def verify(base: Path, ablated: Path, plan_dir: Path | None = Path("artifacts/pl
         fd_b, fd_a = os.open(Path(base) / file, os.O_RDONLY), os.open(Path(ablated) / file, os.O_RDONLY)
         try:
             for name, info in sorted(hb.tensors.items()):
+                name, measured_by = stored_as.get(name, (name, True))
+                if not measured_by:
+                    continue
                 if name not in edits:
                     untouched += 1
                     untouched_ok += int(_same_bytes(fd_b, fd_a, info.begin, info.end))
                     continue
                 tensor_edits = edits[name]
-                recomputed.append((name, recompute(fd_b, fd_a, info, tensor_edits, ROUNDOFF.get(info.dtype, 2.0**-8))))
+                recomputed.append((name, recompute_quantized(Path(base) / file, Path(ablated) / file, tensor_edits)
+                                   if tensor_edits[0].storage is not None else
+                                   recompute(fd_b, fd_a, info, tensor_edits, ROUNDOFF.get(info.dtype, 2.0**-8))))
                 gname = tensor_edits[-1].gain
                 gain = None
                 if gname:
                     gain = _vector(Path(base) / names[gname], gname) + float(tensor_edits[-1].gain_offset)
-                comp, drift = edited_metrics(fd_b, fd_a, info, tensor_edits, gain)
-                tol = tolerance_for(info.dtype, hidden, tolerance)
+                if tensor_edits[0].storage is not None:
+                    found = quantized_metrics(Path(base) / file, Path(ablated) / file, tensor_edits, gain)
+                    comp, drift, tol, norm_tol = found["comp"], found["drift"], found["tol"], found["norm_tol"]
+                    tolerance_floor = found["floor"]
+                else:
+                    comp, drift = edited_metrics(fd_b, fd_a, info, tensor_edits, gain)
+                    tol = tolerance_for(info.dtype, hidden, tolerance)
+                    norm_tol, tolerance_floor = norm_tolerance_for(info.dtype, hidden, tolerance), None
                 check_comp = float(tensor_edits[-1].scale) == 1.0
                 check_norm = all(e.norm_preserve for e in tensor_edits)
-                ok = (not check_comp or comp <= tol) and (not check_norm or drift <= norm_tolerance_for(
-                    info.dtype, hidden, tolerance))
+                ok = (not check_comp or comp <= tol) and (not check_norm or drift <= norm_tol)
                 layer = tensor_edits[-1].layer
                 entry = per_layer.setdefault(layer, {"n": 0, "comp": None, "drift": None, "ok": True, "tol": tol})
                 entry["n"] += 1
                 entry["ok"] &= ok
                 entry["tol"] = max(entry["tol"], tol)
+                if tolerance_floor is not None:
+                    entry["floor"] = max(entry.get("floor", 0.0), tolerance_floor)
                 if check_comp:
                     entry["comp"] = max(entry["comp"] or 0.0, comp)
                 if check_norm:
@@ -212,6 +231,8 @@ def verify(base: Path, ablated: Path, plan_dir: Path | None = Path("artifacts/pl
     for layer in sorted(per_layer, key=lambda k: -1 if k is None else k):
         e = per_layer[layer]
         label = "embeddings" if layer is None else f"layer {layer}: {e['n']} tensors"
+        if "floor" in e:  # quantized targets: the component plain re-quantization would leave
+            label += f" (re-quantization floor {e['floor']:.2e})"
         comp = "n/a (scale != 1)" if e["comp"] is None else f"{e['comp']:.2e}"
         drift = "n/a (plain)" if e["drift"] is None else f"{e['drift']:.2e}"
         rows.append([label, comp, drift, _ok(e["ok"])])

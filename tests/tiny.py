@@ -112,13 +112,17 @@ def make_tokenizer():
 
 
 def make_model(family: str, path: str | Path, layers: int = 3, seed: int = 0, dtype: str = "float32",
-               max_shard_size: str = "200KB", chat_template: bool = True):
-    """Build a random ``family`` model, randomize its norm weights, save it (model + tokenizer)."""
+               max_shard_size: str = "200KB", chat_template: bool = True, **overrides):
+    """Build a random ``family`` model, randomize its norm weights, save it (model + tokenizer).
+
+    ``overrides``: config attributes to change (e.g. ``intermediate_size=64``)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     config = _config(family, layers)
+    for key, value in overrides.items():
+        setattr(config, key, value)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -117,6 +117,9 @@ class LiveEditor:
         """Make the model equal the base model with exactly ``edits`` applied (``build_edits`` order)."""
         grouped: dict[str, list[Edit]] = {}
         for edit in edits:
+            if edit.storage is not None:
+                fail(f"tensor {edit.tensor} is stored quantized ({edit.storage['format']}); the search does not edit "
+                     "quantized checkpoints yet: set ablate.layers to auto or a layer list (plan and ablate edit them)")
             grouped.setdefault(edit.tensor, []).append(edit)
         for name in sorted(self.edited - set(grouped)):
             self._restore(name)

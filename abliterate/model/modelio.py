@@ -134,6 +134,9 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "auto"):
     from transformers import AutoModelForCausalLM
 
     check_model_dir(path)
+    from abliterate.quant.registry import check_loadable
+
+    check_loadable(path)  # quantized checkpoints transformers cannot load here: one line, not a traceback
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype))
     model.to(pick_device(device))
     model.eval()

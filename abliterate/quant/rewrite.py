@@ -1,0 +1,129 @@
+"""Edit a shard's quantized tensors in their own format (the ablate stage's second pass).
+
+The shard has already been copied byte for byte (:func:`abliterate.shard_edit.ablate_shard`);
+for each planned tensor stored quantized this module reads it (one tensor, or one expert of a
+fused MXFP4 tensor, at a time), de-quantizes it to float32, applies the very edit a bf16 tensor
+gets (:func:`apply_edits`: the chunked column statistics and composition of
+:mod:`abliterate.linalg`, so norm preservation acts on the de-quantized columns), quantizes it
+back with fresh scales (each codec's least-error search, the old scales as a hint) and writes the
+codes and scales over their old bytes: same header, dtypes, shapes and offsets. The reading,
+de-quantizing and packing of each format is :mod:`abliterate.quant.stored`'s.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from abliterate.errors import fail
+from abliterate.records import Edit
+
+FIX = "rerun `dvc repro plan`"
+FORMATS = ("fp8-block", "fp8-scaled", "mxfp4", "nvfp4")
+
+
+def logical(record: dict, tensors: dict) -> tuple[str, tuple[int, ...]] | None:
+    """``(stored dtype, logical shape)`` of a storage record in a shard's header; ``None`` if a tensor is missing."""
+    from abliterate.quant.registry import stored_names
+
+    if any(n not in tensors for n in stored_names(record)):
+        return None
+    if record["format"] == "mxfp4":
+        e, rows, groups, _ = tensors[record["blocks"]].shape
+        return "U8", (e, groups * 32, rows)
+    weight = tensors[record["weight"]]
+    if record["format"] == "nvfp4":
+        return "U8", (weight.shape[0], weight.shape[1] * 2)
+    return weight.dtype, tuple(weight.shape)
+
+
+def scales_fit(record: dict, tensors: dict) -> bool:
+    """The scales have the shape and dtype their weight needs (a shard re-saved since the plan may not)."""
+    from abliterate.quant.fp8 import grid_of
+
+    if record["format"] == "mxfp4":
+        blocks, scales = tensors[record["blocks"]], tensors[record["scales"]]
+        return scales.dtype == "U8" and tuple(scales.shape) == tuple(blocks.shape[:-1])
+    weight, scale = tensors[record["weight"]], tensors[record["scale"]]
+    if record["format"] == "nvfp4":
+        rows, half = weight.shape
+        return (scale.dtype == "F8_E4M3" and tuple(scale.shape) == (rows, half * 2 // 16)
+                and tensors[record["scale_2"]].numel == 1)
+    block = tuple(record["block"]) if "block" in record else None
+    return scale.dtype in ("F32", "BF16", "F16") and grid_of(*weight.shape, tuple(scale.shape), block) is not None
+
+
+def check_stored(header, name: str, edits: list[Edit]) -> None:
+    """The plan's quantized tensor matches the shard (names, dtypes, logical shape); plain Python."""
+    record = edits[0].storage
+    if record.get("format") not in FORMATS or any(e.storage != record for e in edits):
+        fail(f"the plan's storage of tensor {name} is unknown or inconsistent; {FIX}")
+    if len({e.layout for e in edits}) != 1 or (record["format"] == "mxfp4" and edits[0].layout != "rows"):
+        fail(f"the plan mixes layouts for tensor {name}; {FIX}")
+    found = logical(record, header.tensors)
+    if found is None or found != (edits[0].dtype, tuple(edits[0].shape)) or not scales_fit(record, header.tensors):
+        got = "missing" if found is None else f"{found[0]} {list(found[1])}"
+        got += "" if found is None or found != (edits[0].dtype, tuple(edits[0].shape)) else " with other scales"
+        fail(f"quantized tensor {name} in {header.path} is {got}, but the plan expects {edits[0].dtype} "
+             f"{list(edits[0].shape)}; the plan is out of date: {FIX}")
+
+
+def apply_edits(values, edits: list[Edit]):
+    """The bf16 edit on a de-quantized float32 tensor (``[hidden, in]`` columns, ``[rows, hidden]`` rows), in place."""
+    import numpy as np
+
+    from abliterate.formats.safetensors_io import CHUNK_ELEMENTS
+    from abliterate.linalg import apply_columns, apply_rows, column_coefficients, column_stats
+
+    if not np.isfinite(values).all():
+        fail(f"tensor {edits[0].tensor} de-quantizes to NaN or infinite values; the checkpoint is damaged")
+    u = np.stack([np.asarray(e.vector, dtype=np.float64) for e in edits], axis=1)  # [hidden, T]
+    uc = u.astype(np.float32)
+    step = max(1, CHUNK_ELEMENTS // max(values.shape[1], 1))  # the row chunks of the bf16 path
+    chunks = [(a, min(a + step, values.shape[0])) for a in range(0, values.shape[0], step)]
+    if edits[0].layout == "columns":
+        g, n2 = np.zeros((u.shape[1], values.shape[1])), np.zeros(values.shape[1])
+        for a, b in chunks:
+            part_g, part_n2 = column_stats(values[a:b], uc[a:b])
+            g += part_g
+            n2 += part_n2
+        coef, f = column_coefficients(g, n2, u, [e.scale for e in edits], [e.norm_preserve for e in edits])
+        for a, b in chunks:
+            apply_columns(values[a:b], uc[a:b], coef.astype(np.float32), f.astype(np.float32))
+        return values
+    for a, b in chunks:
+        for t, e in enumerate(edits):
+            values[a:b] = apply_rows(values[a:b], uc[:, t], float(e.scale), bool(e.norm_preserve))
+    return values
+
+
+def edit_piece(fd_in: int, record: dict, tensors: dict, piece: int, edits: list[Edit], steer: bool = True):
+    """``(edited float32 values, their stored arrays)`` of one piece: de-quantized, edited, quantized back."""
+    from abliterate.quant import stored
+
+    values, state = stored.load(fd_in, record, tensors, piece)
+    values = apply_edits(values, edits)
+    u = edits[-1].vector if steer else None  # the last edit's vector: one edit per tensor in practice
+    return values, stored.quantize(record, values, state, u, edits[0].layout)
+
+
+def rewrite_quantized(base: Path, out: Path, grouped: dict[str, list[Edit]]) -> None:
+    """Overwrite, in the copy ``out`` of shard ``base``, every quantized tensor of ``grouped`` (checked
+    by :func:`check_stored`) with its edited codes and fresh scales."""
+    from abliterate.formats.safetensors_io import read_header
+    from abliterate.quant import stored
+
+    tensors = read_header(base).tensors
+    fd_in = os.open(base, os.O_RDONLY)
+    try:
+        fd_out = os.open(out, os.O_WRONLY)
+        try:
+            for name in sorted(grouped):
+                record = grouped[name][0].storage
+                for piece in stored.pieces(record, tensors):  # one tensor, or one expert, in memory at a time
+                    _, arrays = edit_piece(fd_in, record, tensors, piece, grouped[name])
+                    stored.store(fd_out, record, tensors, piece, arrays)
+        finally:
+            os.close(fd_out)
+    finally:
+        os.close(fd_in)
