@@ -80,18 +80,19 @@ def nonfinite(name: str) -> NoReturn:
          "ablate.layers)")
 
 
-def check(base: Path, plan: ShardPlan, out: Path) -> dict[str, list[Edit]]:
-    """Check the shard, the plan and the output path; return the plan's edits by tensor name.
+def check(base: Path, plan: ShardPlan, out: Path | None) -> dict[str, list[Edit]]:
+    """Check the shard, the plan and the output path (None: nothing is written, as in verify, where
+    an unedited shard may be the very file DVC linked from its cache); return the edits by tensor name.
 
     Plain Python (no numpy), so that every check is done before the first byte is written and
     before anything slow is imported.
     """
     from abliterate.formats.safetensors_io import FLOAT_DTYPES, read_header
 
-    base, out = Path(base), Path(out)
+    base = Path(base)
     if not base.is_file():
         fail(f"base shard {base} does not exist; run `dvc repro base` (or check --base)")
-    if same_file(base, out):
+    if out is not None and same_file(base, Path(out)):
         fail(f"the output {out} is the input shard itself; write the ablated shard somewhere else (e.g. artifacts/model/)")
     if plan.file not in (None, base.name):
         fail(f"the plan is for shard {plan.file}, not {base.name}; pass the matching --plan file")

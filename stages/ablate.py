@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-from stages.cliutil import direct_options, new_app, option, reporter, run_app, run_guarded
+from stages.cliutil import direct_options, lazy_app, option, reporter, run_app, run_guarded
 
 
 def ablate(base: Path, plan_path: Path, out: Path) -> int:
@@ -96,14 +96,8 @@ def _raise_on_sigterm(seen: list[int]):
     return signal.signal(signal.SIGTERM, interrupt)
 
 
-def __getattr__(name: str):
-    """``app``, the typer command, built on first use (DVC's per-shard runs never import typer)."""
-    if name != "app":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    app = new_app(__doc__.split("\n")[0])
-    app.command()(main)
-    globals()["app"] = app
-    return app
+# ``app``, the typer command, built on first use (DVC's per-shard runs never import typer)
+__getattr__ = lazy_app(globals(), main)
 
 
 if __name__ == "__main__":

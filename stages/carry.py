@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from stages.cliutil import direct_options, new_app, option, run_app, run_guarded
+from stages.cliutil import direct_options, lazy_app, option, run_app, run_guarded
 
 
 def main(
@@ -24,14 +24,8 @@ def main(
     carry(files, key, base, out)
 
 
-def __getattr__(name: str):
-    """``app``, the typer command, built on first use (DVC's per-file runs never import typer)."""
-    if name != "app":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    app = new_app(__doc__.split("\n")[0])
-    app.command()(main)
-    globals()["app"] = app
-    return app
+# ``app``, the typer command, built on first use (DVC's per-file runs never import typer)
+__getattr__ = lazy_app(globals(), main)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,21 @@ def new_app(help_text: str) -> typer.Typer:
     )
 
 
+def lazy_app(module_globals: dict, command: Callable) -> Callable[[str], object]:
+    """A module ``__getattr__`` that builds the module's typer ``app`` (one ``command``) on first use:
+    stages that DVC starts once per shard or file read their few options directly and never import typer."""
+
+    def __getattr__(name: str):
+        if name != "app":
+            raise AttributeError(f"module {module_globals['__name__']!r} has no attribute {name!r}")
+        app = new_app(module_globals["__doc__"].split("\n")[0])
+        app.command()(command)
+        module_globals["app"] = app
+        return app
+
+    return __getattr__
+
+
 def option(**kwargs):
     """``typer.Option(**kwargs)``, importing typer only when a command's options are read: a module
     whose annotations use this instead of ``typer.Option`` can run without importing typer."""
