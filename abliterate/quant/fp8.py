@@ -98,7 +98,7 @@ def quantize(values, grid, block, hint=None, round_scale=None):
     """
     import numpy as np
 
-    from abliterate.quant.numerics import E4M3_MAX, best_codes, decode_e4m3, encode_e4m3
+    from abliterate.quant.numerics import E4M3_MAX, best_codes, encode_e4m3, nearest_e4m3
 
     (r, c), (bm, bn) = grid, block
     rows, cols = values.shape
@@ -115,7 +115,7 @@ def quantize(values, grid, block, hint=None, round_scale=None):
         candidates += [(base * np.float32(f)).astype(np.float32) for f in FACTORS]
         if round_scale is not None:
             candidates = [round_scale(x) for x in candidates]
-        found, chosen, _ = best_codes(blocks, candidates, encode_e4m3, decode_e4m3, (E4M3_MAX, 32.0))
+        found, chosen, _ = best_codes(blocks, candidates, encode_e4m3, nearest_e4m3, (E4M3_MAX, 32.0))
         scales[a:b] = np.choose(chosen, candidates)
         codes[lo:hi] = _unblocks(found, *band_grid, (hi - lo, cols))
     return codes, scales

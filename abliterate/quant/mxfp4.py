@@ -45,7 +45,7 @@ def quantize(values, hint=None):
     """
     import numpy as np
 
-    from abliterate.quant.numerics import E2M1_MAX, best_codes, decode_e2m1, encode_e2m1, pack_nibbles
+    from abliterate.quant.numerics import E2M1_MAX, best_codes, encode_e2m1, nearest_e2m1, pack_nibbles
 
     blocks = np.asarray(values, np.float32).reshape(*values.shape[:-1], values.shape[-1] // BLOCK, BLOCK)
     amax = np.abs(blocks).max(axis=-1).astype(np.float64)
@@ -55,6 +55,6 @@ def quantize(values, hint=None):
     exponents = [] if hint is None else [np.asarray(hint).astype(np.int64)]
     exponents += [top, top - 1]
     candidates = [exponent_scale(e) for e in exponents]
-    codes, chosen, _ = best_codes(blocks, candidates, encode_e2m1, decode_e2m1, (E2M1_MAX, 2.0))
+    codes, chosen, _ = best_codes(blocks, candidates, encode_e2m1, nearest_e2m1, (E2M1_MAX, 2.0))
     scales = np.choose(chosen, exponents).astype(np.uint8)
     return pack_nibbles(codes), scales

@@ -22,7 +22,6 @@ E2M1_MAX = 6.0
 E8M0_BIAS = 127
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)  # between code i and i + 1
-BAND = 1 << 22  # elements per band in :func:`best_codes`
 
 
 def e4m3_table():
@@ -102,43 +101,93 @@ def pack_nibbles(codes):
     return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype("uint8")
 
 
-def best_codes(blocks, candidates: Sequence, encode: Callable, decode: Callable, top: tuple[float, float]):
+def nearest_e4m3(mag, scratch=None):
+    """Non-negative float32 magnitudes -> the nearest E4M3 value (saturating at 448, ties to even), in place.
+
+    The value ``decode_e4m3(encode_e4m3(mag))`` without codes: adding ``M = 2**(e + 20)``, ``e`` the
+    binade of ``mag`` (at least -6, the subnormals' one), leaves ``ulp(M) = 2**(e - 3)``, the E4M3
+    step there, so float32 addition rounds to the grid (ties to the even code) and ``- M`` is exact.
+    ``scratch``: a float32 buffer of ``mag``'s shape (none allocated per call then).
+    """
+    import numpy as np
+
+    np.minimum(mag, np.float32(E4M3_MAX), out=mag)
+    return _round_to_grid(mag, 0x3C800000, 20, scratch)  # 2**-6: the first normal binade
+
+
+def nearest_e2m1(mag, scratch=None):
+    """Non-negative float32 magnitudes -> the nearest E2M1 value (saturating at 6, ties to the even code),
+    in place; the same trick as :func:`nearest_e4m3` with one mantissa bit and the binade of 1 as the floor."""
+    import numpy as np
+
+    np.minimum(mag, np.float32(E2M1_MAX), out=mag)
+    return _round_to_grid(mag, 0x3F800000, 22, scratch)
+
+
+def _round_to_grid(mag, floor_bits: int, shift: int, scratch):
+    """``mag + M - M`` with ``M = 2**(max(binade(mag), binade(floor)) + shift)`` (float32, in place)."""
+    import numpy as np
+
+    magic = np.empty_like(mag) if scratch is None else scratch
+    bits, mbits = mag.view(np.int32), magic.view(np.int32)
+    np.maximum(bits, floor_bits, out=mbits)
+    np.bitwise_and(mbits, 0x7F800000, out=mbits)  # the binade's power of two
+    np.add(mbits, shift << 23, out=mbits)
+    mag += magic
+    mag -= magic
+    return mag
+
+
+BLOCKS_AT_ONCE = 1 << 16  # elements per step of :func:`best_codes`: its few buffers stay in the L2 cache
+
+
+def best_codes(blocks, candidates: Sequence, encode: Callable, nearest: Callable, top: tuple[float, float]):
     """Per block, the codes of the candidate scale with the least squared error.
 
     ``blocks``: float32 ``[..., n]`` (one block per leading index); ``candidates``: float32 scale
     arrays of the leading shape ``[...]`` (the values as de-quantization will use them); a value is
-    stored as ``code = encode(x / scale)`` and read back as ``decode(code) * scale`` (float32).
+    stored as ``code = encode(x / scale)`` and read back as ``decode(code) * scale`` (float32);
+    ``nearest``: magnitudes -> the grid's nearest value in place (:func:`nearest_e4m3`), i.e.
+    ``|decode(encode(x))|``, so the candidates' errors are measured without encoding each
+    (the squared error is the same on magnitudes: rounding is symmetric).
     ``top``: the grid's largest value and its spacing there (E4M3: 448, 32; E2M1: 6, 2): a
     candidate may clip a block's largest value by at most that one step, so every element ends
     within one grid step of its float32 value. A zero, non-finite or clipping candidate is
     skipped for its block unless nothing else is left (then the last one is used).
+    Blocks are independent: a few thousand elements are searched at a time, in cache.
     Returns ``(codes [..., n] uint8, chosen candidate index [...], squared error [...] fp64)``.
     """
     import numpy as np
 
-    lead = blocks.shape[:-1]
-    candidates = [np.broadcast_to(np.asarray(c, dtype=np.float32), lead) for c in candidates]
-    step = max(1, BAND // max(blocks[:1].size, 1)) if lead else 1
-    if lead and lead[0] > step:  # blocks are independent: a band at a time keeps the temporaries small
-        parts = [best_codes(blocks[a:a + step], [c[a:a + step] for c in candidates], encode, decode, top)
-                 for a in range(0, lead[0], step)]
-        return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
-    amax = np.abs(blocks).max(axis=-1).astype(np.float64)
-    best = np.zeros(blocks.shape, dtype=np.uint8)
-    best_err = np.full(lead, np.inf)
-    chosen = np.zeros(lead, dtype=np.int64)
-    for index, scale in enumerate(candidates):
-        scale = np.broadcast_to(np.asarray(scale, dtype=np.float32), lead)
-        usable = np.isfinite(scale) & (scale > 0) & (amax <= (top[0] + top[1]) * scale.astype(np.float64))
-        safe = np.where(usable, scale, np.float32(1.0))[..., None]
-        codes = encode(blocks / safe)
-        back = decode(codes)
-        back *= np.where(usable, scale, np.float32(0.0))[..., None]
-        back -= blocks
-        err = np.einsum("...i,...i->...", back, back, dtype=np.float64)
-        err = np.where(usable | (index == len(candidates) - 1), err, np.inf)
-        better = err < best_err
-        best[better] = codes[better]
-        best_err = np.where(better, err, best_err)
-        chosen = np.where(better, index, chosen)
-    return best, chosen, best_err
+    lead, n = blocks.shape[:-1], blocks.shape[-1]
+    flat = np.ascontiguousarray(blocks, dtype=np.float32).reshape(-1, n)  # [B, n]
+    cands = [np.broadcast_to(np.asarray(c, dtype=np.float32), lead).reshape(-1) for c in candidates]
+    count = flat.shape[0]
+    chosen = np.zeros(count, dtype=np.int64)
+    best_err = np.full(count, np.inf)
+    codes = np.empty(flat.shape, dtype=np.uint8)
+    step = max(1, BLOCKS_AT_ONCE // max(n, 1))
+    mag, work, scratch = (np.empty((min(step, count), n), dtype=np.float32) for _ in range(3))
+    for a in range(0, count, step):
+        b = min(a + step, count)
+        x, m, w, s = flat[a:b], mag[: b - a], work[: b - a], scratch[: b - a]
+        np.abs(x, out=m)
+        amax = m.max(axis=-1).astype(np.float64)
+        err_best, pick = best_err[a:b], chosen[a:b]  # views: updated in place
+        safe_best = np.ones(b - a, dtype=np.float32)
+        for index, scale in enumerate(cands):
+            scale = scale[a:b]
+            usable = np.isfinite(scale) & (scale > 0) & (amax <= (top[0] + top[1]) * scale.astype(np.float64))
+            safe = np.where(usable, scale, np.float32(1.0))
+            np.divide(m, safe[:, None], out=w)
+            nearest(w, s)
+            w *= np.where(usable, scale, np.float32(0.0))[:, None]
+            w -= m  # |x| read back less |x|: the element's error up to its sign
+            err = np.einsum("...i,...i->...", w, w, dtype=np.float64)
+            err = np.where(usable | (index == len(cands) - 1), err, np.inf)
+            better = err < err_best
+            err_best[better] = err[better]
+            pick[better] = index
+            safe_best[better] = safe[better]
+        codes[a:b] = encode(np.divide(x, safe_best[:, None], out=w))  # once, at the chosen scale
+    return codes.reshape(blocks.shape), chosen.reshape(lead), best_err.reshape(lead)

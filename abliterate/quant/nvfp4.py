@@ -32,8 +32,8 @@ def quantize(values, hint_codes=None, hint_scale_2: float | None = None):
     """float32 ``[rows, cols]`` -> ``(packed uint8 [rows, cols/2], scale codes uint8 [rows, cols/16], scale_2)``."""
     import numpy as np
 
-    from abliterate.quant.numerics import (E2M1_MAX, E4M3_MAX, best_codes, decode_e2m1, decode_e4m3, encode_e2m1,
-                                           encode_e4m3)
+    from abliterate.quant.numerics import (E2M1_MAX, E4M3_MAX, best_codes, decode_e4m3, encode_e2m1, encode_e4m3,
+                                           nearest_e2m1)
 
     rows, cols = values.shape
     blocks = np.asarray(values, np.float32).reshape(rows, cols // BLOCK, BLOCK)
@@ -49,7 +49,7 @@ def quantize(values, hint_codes=None, hint_scale_2: float | None = None):
         codes = [] if hint_codes is None else [np.asarray(hint_codes).astype(np.int64)]
         codes += [nearest, np.minimum(nearest + 1, 0x7E), np.maximum(nearest - 1, 0)]
         candidates = [decode_e4m3(c.astype(np.uint8)) * scale_2 for c in codes]
-        q, chosen, err = best_codes(blocks, candidates, encode_e2m1, decode_e2m1, (E2M1_MAX, 2.0))
+        q, chosen, err = best_codes(blocks, candidates, encode_e2m1, nearest_e2m1, (E2M1_MAX, 2.0))
         total = float(err.sum())
         if best is None or total < best[0]:
             best = (total, q, np.choose(chosen, codes).astype(np.uint8), float(scale_2))
