@@ -69,13 +69,8 @@ def _steer(values, codes, scales, u, magnitudes, sign_bit: int, rounds: int):
         if norm_wise:
             towards &= (moved > 0) == (sq < tn * tn)[None, :]
         cost = np.where(towards, np.square(other - target) - np.square(base - target), np.inf)
-        order = np.argsort(cost, axis=0, kind="stable")
-        pushed = np.take_along_axis(np.where(towards, np.abs(gain), np.float32(0.0)), order, axis=0)
-        left = np.abs(np.abs(c)[None, :] - np.cumsum(pushed, axis=0, dtype=np.float64))  # |c_j| after k + 1 flips
-        count = np.argmin(np.concatenate([np.abs(c)[None, :], left]), axis=0)  # flips to take, 0..hidden
-        rank = np.empty_like(order)
-        np.put_along_axis(rank, order, np.arange(order.shape[0])[:, None], axis=0)
-        flip = (rank < count[None, :]) & towards
+        flip = np.zeros(codes.shape, dtype=bool)
+        flip[_cheapest(cost, np.where(towards, np.abs(gain), np.float32(0.0)), np.abs(c), towards)] = True
         new_sq = sq + np.where(flip, moved, np.float32(0.0)).sum(axis=0, dtype=np.float64)
         fits = (new_sq >= lo2) & (new_sq <= hi2)
         flip &= fits[None, :]
@@ -104,3 +99,32 @@ def _steer(values, codes, scales, u, magnitudes, sign_bit: int, rounds: int):
         valid[rows, cols] = False
         active = active[improves]  # a column no flip improves is done
     return (mag.astype(np.uint8) | np.where(sign < 0, np.uint8(sign_bit), np.uint8(0))).astype(np.uint8)
+
+
+def _cheapest(cost, pushed, need, towards):
+    """The bulk pass's flips ``(rows, cols)``: per column, the elements in order of ``cost`` (stable: ties
+    by row), as many as bring ``need - cumsum(pushed)`` closest to zero (the first such count).
+
+    The stable argsort is one plain sort of unique int64 keys (the cost's bits made order-preserving,
+    then the row), which numpy sorts with its vectorized sort; only the ``towards`` elements (finite
+    cost) are ranked: the rest come last and push nothing.
+    """
+    import numpy as np
+
+    hidden, n = cost.shape
+    width = int(np.count_nonzero(towards, axis=0).max()) if n else 0
+    if width == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    bits = np.ascontiguousarray(cost.T, dtype=np.float32).view(np.int32)  # [n, hidden]
+    bits ^= (bits >> 31) & 0x7FFFFFFF  # negative floats reversed: int order is float order
+    keys = bits.astype(np.int64)
+    keys <<= 32
+    keys |= np.arange(hidden, dtype=np.int64)  # ties by row: the stable order
+    keys.sort(axis=1)
+    ranked = keys[:, :width] & 0xFFFFFFFF  # [n, width] rows, cheapest first
+    steps = np.take_along_axis(np.ascontiguousarray(pushed.T), ranked, axis=1)
+    total = np.cumsum(steps, axis=1, dtype=np.float64)
+    left = np.abs(need[:, None] - total)
+    count = np.argmin(np.concatenate([need[:, None], left], axis=1), axis=1)  # flips to take, 0..width
+    take = np.arange(width)[None, :] < count[:, None]
+    return ranked[take], np.nonzero(take)[0]
