@@ -93,7 +93,7 @@ def recompute_quantized(base, ablated, edits: list[Edit]) -> Recomputed:
     fd_b, fd_a = os.open(base, os.O_RDONLY), os.open(ablated, os.O_RDONLY)
     try:
         for piece in stored.pieces(record, tb):
-            _, arrays = edit_piece(fd_b, record, tb, piece, edits)
+            arrays = edit_piece(fd_b, record, tb, piece, edits)
             expected = np.asarray(stored.dequantize(record, arrays), dtype=np.float64)
             got = np.asarray(stored.load(fd_a, record, ta, piece)[0], dtype=np.float64)
             result.elements += expected.size

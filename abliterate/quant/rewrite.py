@@ -68,8 +68,11 @@ def check_stored(header, name: str, edits: list[Edit]) -> None:
              f"{list(edits[0].shape)}; the plan is out of date: {FIX}")
 
 
-def apply_edits(values, edits: list[Edit]):
-    """The bf16 edit on a de-quantized float32 tensor (``[hidden, in]`` columns, ``[rows, hidden]`` rows), in place."""
+def apply_edits(values, edits: list[Edit], rows_per_chunk: int | None = None):
+    """The bf16 edit on a de-quantized float32 tensor (``[hidden, in]`` columns, ``[rows, hidden]`` rows), in place.
+
+    ``rows_per_chunk``: the row chunks' height (default: the bf16 path's for this width); a band of
+    a wider tensor's columns passes the whole tensor's, so its sums are added in the same order."""
     import numpy as np
 
     from abliterate.formats.safetensors_io import CHUNK_ELEMENTS
@@ -79,7 +82,7 @@ def apply_edits(values, edits: list[Edit]):
         fail(f"tensor {edits[0].tensor} de-quantizes to NaN or infinite values; the checkpoint is damaged")
     u = np.stack([np.asarray(e.vector, dtype=np.float64) for e in edits], axis=1)  # [hidden, T]
     uc = u.astype(np.float32)
-    step = max(1, CHUNK_ELEMENTS // max(values.shape[1], 1))  # the row chunks of the bf16 path
+    step = rows_per_chunk or max(1, CHUNK_ELEMENTS // max(values.shape[1], 1))  # the row chunks of the bf16 path
     chunks = [(a, min(a + step, values.shape[0])) for a in range(0, values.shape[0], step)]
     if edits[0].layout == "columns":
         g, n2 = np.zeros((u.shape[1], values.shape[1])), np.zeros(values.shape[1])
@@ -97,14 +100,17 @@ def apply_edits(values, edits: list[Edit]):
     return values
 
 
-def edit_piece(fd_in: int, record: dict, tensors: dict, piece: int, edits: list[Edit], steer: bool = True):
-    """``(edited float32 values, their stored arrays)`` of one piece: de-quantized, edited, quantized back."""
-    from abliterate.quant import stored
+def edit_piece(fd_in: int, record: dict, tensors: dict, piece: int, edits: list[Edit], steer: bool = True) -> dict:
+    """The stored arrays of one piece: de-quantized, edited, quantized back. A block-scaled FP8 writer
+    goes a band of columns at a time (:mod:`abliterate.quant.banded`: the same bytes, less memory)."""
+    from abliterate.quant import banded, stored
 
+    u = edits[-1].vector if steer else None  # the last edit's vector: one edit per tensor in practice
+    if banded.applies(record, tensors, edits[0].layout):
+        return banded.edit_fp8_columns(fd_in, record, tensors, edits, u)
     values, state = stored.load(fd_in, record, tensors, piece)
     values = apply_edits(values, edits)
-    u = edits[-1].vector if steer else None  # the last edit's vector: one edit per tensor in practice
-    return values, stored.quantize(record, values, state, u, edits[0].layout)
+    return stored.quantize(record, values, state, u, edits[0].layout)
 
 
 def rewrite_quantized(base: Path, out: Path, grouped: dict[str, list[Edit]]) -> None:
@@ -121,7 +127,7 @@ def rewrite_quantized(base: Path, out: Path, grouped: dict[str, list[Edit]]) -> 
             for name in sorted(grouped):
                 record = grouped[name][0].storage
                 for piece in stored.pieces(record, tensors):  # one tensor, or one expert, in memory at a time
-                    _, arrays = edit_piece(fd_in, record, tensors, piece, grouped[name])
+                    arrays = edit_piece(fd_in, record, tensors, piece, grouped[name])
                     stored.store(fd_out, record, tensors, piece, arrays)
         finally:
             os.close(fd_out)

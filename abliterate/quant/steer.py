@@ -29,12 +29,17 @@ def steer(values, codes, scales, u, magnitudes, sign_bit: int, rounds: int = ROU
     """
     import numpy as np
 
-    step = max(1, (1 << 18) // max(codes.shape[0], 1))  # columns are independent: bounded memory per slice
+    step = slice_width(codes.shape[0])
     for start in range(0, codes.shape[1], step):
         part = slice(start, start + step)
         scale = scales(part) if callable(scales) else scales[:, part]
         codes[:, part] = _steer(values[:, part], codes[:, part], scale, u, magnitudes, sign_bit, rounds)
     return codes
+
+
+def slice_width(hidden: int) -> int:
+    """Columns steered together (their drift cap is shared): about 256K elements, so memory is bounded."""
+    return max(1, (1 << 18) // max(hidden, 1))
 
 
 def _steer(values, codes, scales, u, magnitudes, sign_bit: int, rounds: int):
