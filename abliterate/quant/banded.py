@@ -13,6 +13,7 @@ byte per element) and one band in float32 instead of four bytes per element of t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from abliterate.records import Edit
 
@@ -39,14 +40,14 @@ def applies(record: dict, tensors: dict, layout: str) -> bool:
     return grid is not None and band_width(rows, cols, grid[1][1]) is not None
 
 
-def edit_fp8_columns(fd_in: int, record: dict, tensors: dict, edits: list[Edit], u=None) -> dict:
+def edit_fp8_columns(fd_in: int, record: dict, tensors: dict, edits: list[Edit], apply: Callable, u=None) -> dict:
     """The stored arrays of an edited block-scaled FP8 writer (as :func:`abliterate.quant.stored.quantize`
-    gives them), computed band by band; ``u``: steer against it (``None``: plain rounding)."""
+    gives them), computed band by band. ``apply(values, edits, rows_per_chunk)``: the float32 edit
+    (:func:`abliterate.quant.rewrite.apply_edits`); ``u``: steer against it (``None``: plain rounding)."""
     import numpy as np
 
     from abliterate.formats.safetensors_io import CHUNK_ELEMENTS, decode
     from abliterate.quant import fp8, stored
-    from abliterate.quant.rewrite import apply_edits
 
     winfo, sinfo = tensors[record["weight"]], tensors[record["scale"]]
     rows, cols = winfo.shape
@@ -61,7 +62,7 @@ def edit_fp8_columns(fd_in: int, record: dict, tensors: dict, edits: list[Edit],
         b = min(a + width, cols)
         blocks = slice(a // bn, math.ceil(b / bn))
         band_grid = ((r, blocks.stop - blocks.start), (bm, bn))
-        values = apply_edits(fp8.dequantize(codes[:, a:b], scales[:, blocks], *band_grid), edits, chunk_rows)
+        values = apply(fp8.dequantize(codes[:, a:b], scales[:, blocks], *band_grid), edits, chunk_rows)
         state = {"scales": scales[:, blocks], "grid": band_grid, "scale_dtype": sinfo.dtype}
         arrays = stored.quantize(record, values, state, u, "columns")
         codes[:, a:b] = arrays["weight"]

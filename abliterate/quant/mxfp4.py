@@ -25,7 +25,7 @@ def dequantize(blocks, scales):
     from abliterate.quant.numerics import E8M0_BIAS, decode_e2m1, unpack_nibbles
 
     values = decode_e2m1(unpack_nibbles(blocks))  # [..., G, 32]
-    values = np.ldexp(values, scales.astype(np.int32)[..., None] - E8M0_BIAS)
+    values = np.ldexp(values, scales.astype(np.int32)[..., None] - E8M0_BIAS, out=values)
     return values.reshape(*blocks.shape[:-2], blocks.shape[-2] * BLOCK)
 
 

@@ -107,7 +107,7 @@ def edit_piece(fd_in: int, record: dict, tensors: dict, piece: int, edits: list[
 
     u = edits[-1].vector if steer else None  # the last edit's vector: one edit per tensor in practice
     if banded.applies(record, tensors, edits[0].layout):
-        return banded.edit_fp8_columns(fd_in, record, tensors, edits, u)
+        return banded.edit_fp8_columns(fd_in, record, tensors, edits, apply_edits, u)
     values, state = stored.load(fd_in, record, tensors, piece)
     values = apply_edits(values, edits)
     return stored.quantize(record, values, state, u, edits[0].layout)

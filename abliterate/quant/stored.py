@@ -91,7 +91,13 @@ def quantize(record: dict, values, state: dict, u=None, layout: str = "columns")
         blocks, scales = mxfp4.quantize(stored, hint=state["scales"])
         if u is not None:
             codes = unpack_nibbles(blocks).reshape(stored.shape)
-            _steer(stored, codes, np.repeat(mxfp4.exponent_scale(scales), 32, axis=-1), u, E2M1)
+
+            def block_scales(part: slice):  # a column slice's scales, made on demand (no full-size copy)
+                lo, hi, _ = part.indices(stored.shape[1])
+                per = np.repeat(mxfp4.exponent_scale(scales[:, lo // 32: (hi - 1) // 32 + 1]), 32, axis=-1)
+                return per[:, lo % 32: lo % 32 + hi - lo]
+
+            _steer(stored, codes, block_scales, u, E2M1)
             blocks = pack_nibbles(codes).reshape(blocks.shape)
         return {"blocks": blocks, "scales": scales}
     flip = layout == "rows"  # the residual axis is the last one: steer the transposed views
