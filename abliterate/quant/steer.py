@@ -81,8 +81,8 @@ def _steer(values, codes, scales, u, magnitudes, sign_bit: int, rounds: int):
         flip &= fits[None, :]
         todo &= ~fits
         c += np.where(flip, gain, np.float32(0.0)).sum(axis=0, dtype=np.float64)
-        sq += np.where(flip, moved, np.float32(0.0)).sum(axis=0, dtype=np.float64)
-        mag = np.where(flip, alt, mag)
+        sq = np.where(fits, new_sq, sq)  # the same sum as above, where it is kept
+        np.copyto(mag, alt, where=flip)
         valid &= ~flip
         if not todo.any():
             break
