@@ -21,7 +21,7 @@ E4M3_MAX = 448.0
 E2M1_MAX = 6.0
 E8M0_BIAS = 127
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)  # between code i and i + 1
+_E2M1_CODE_OF_TWICE = None  # the code of each E2M1 magnitude, indexed by twice the magnitude (made once)
 
 
 def e4m3_table():
@@ -74,15 +74,20 @@ def decode_e2m1(codes):
 
 
 def encode_e2m1(values):
-    """Finite float32 values -> E2M1 codes (uint8 0-15), saturating to +-6, ties to the even code."""
+    """Finite float32 values -> E2M1 codes (uint8 0-15), saturating to +-6, ties to the even code.
+
+    The magnitude is rounded to the grid (:func:`nearest_e2m1`); twice a grid value (0, 1, 2, 3, 4,
+    6, 8, 12) is an exact small integer, which a table turns into the code."""
     import numpy as np
 
+    global _E2M1_CODE_OF_TWICE
+    if _E2M1_CODE_OF_TWICE is None:
+        _E2M1_CODE_OF_TWICE = np.zeros(13, dtype=np.uint8)
+        _E2M1_CODE_OF_TWICE[[int(2 * v) for v in E2M1_VALUES]] = np.arange(8, dtype=np.uint8)
     values = np.asarray(values, dtype=np.float32)
-    mag = np.abs(values)
-    mids = np.array(E2M1_MIDPOINTS, dtype=np.float32)
-    low = np.searchsorted(mids, mag, side="left")  # the lower code on a tie
-    high = np.searchsorted(mids, mag, side="right")  # the upper code on a tie
-    codes = np.where((low != high) & (low % 2 == 1), high, low).astype(np.uint8)  # a tie goes to the even code
+    twice = nearest_e2m1(np.abs(values))
+    twice *= np.float32(2.0)
+    codes = _E2M1_CODE_OF_TWICE[twice.astype(np.uint8)]
     return codes | (np.signbit(values).astype(np.uint8) << 3)
 
 
@@ -191,3 +196,4 @@ def best_codes(blocks, candidates: Sequence, encode: Callable, nearest: Callable
             safe_best[better] = safe[better]
         codes[a:b] = encode(np.divide(x, safe_best[:, None], out=w))  # once, at the chosen scale
     return codes.reshape(blocks.shape), chosen.reshape(lead), best_err.reshape(lead)
+
