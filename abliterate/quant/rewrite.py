@@ -107,6 +107,9 @@ def edit_piece(fd_in: int, record: dict, tensors: dict, piece: int, edits: list[
         return banded.edit_fp8_columns(fd_in, record, tensors, edits, u)
     values, state = stored.load(fd_in, record, tensors, piece)
     values = apply_edits(values, edits)
+    if record["format"] == "mxfp4":  # back to the stored layout here: the plan layout's copy is freed first
+        values = values.T.copy()
+        return stored.quantize(record, values, state, u, edits[0].layout, stored_layout=True)
     return stored.quantize(record, values, state, u, edits[0].layout)
 
 

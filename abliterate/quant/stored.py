@@ -77,8 +77,9 @@ def load(fd: int, record: dict, tensors: dict, piece: int):
     return fp8.dequantize(codes, scales, *grid), {"scales": scales, "grid": grid, "scale_dtype": sinfo.dtype}
 
 
-def quantize(record: dict, values, state: dict, u=None, layout: str = "columns") -> dict:
-    """Edited float32 values (the plan's layout) -> the piece's stored arrays; ``u``: steer against it."""
+def quantize(record: dict, values, state: dict, u=None, layout: str = "columns", stored_layout: bool = False) -> dict:
+    """Edited float32 values (the plan's layout) -> the piece's stored arrays; ``u``: steer against it.
+    ``stored_layout``: an MXFP4 expert's values are already in the stored ``[hidden, in]`` layout."""
     import numpy as np
 
     from abliterate.formats.safetensors_io import decode
@@ -87,7 +88,7 @@ def quantize(record: dict, values, state: dict, u=None, layout: str = "columns")
 
     kind = record["format"]
     if kind == "mxfp4":
-        stored = np.ascontiguousarray(values.T)  # [hidden, in]: the residual is the stored rows
+        stored = values if stored_layout else np.ascontiguousarray(values.T)  # [hidden, in]: the residual is the stored rows
         blocks, scales = mxfp4.quantize(stored, hint=state["scales"])
         if u is not None:
             codes = unpack_nibbles(blocks).reshape(stored.shape)
