@@ -9,7 +9,8 @@ holding an apostrophe: nothing may run, and the result must be right.
 
 from __future__ import annotations
 
-import resource
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -260,14 +261,20 @@ def small_model(tmp_path_factory):
 
 
 def test_a_huge_prompt_is_one_line_naming_its_line_before_any_forward_pass(small_model, tmp_path):
-    from measure_helpers import run_module
-
     prompts = write_lines(tmp_path / "harmful.txt", [*HARMFUL[:2], "", "a" * 100_000, *HARMFUL[2:]])
-    result = run_module("capture", "--model", small_model, "--prompts", prompts, "--out", tmp_path / "a.parquet")
+    # the stage runs under a small parent that reports the peak RSS of its own children only (this
+    # process's RUSAGE_CHILDREN also counts every earlier test's subprocesses)
+    parent = ("import resource, subprocess, sys; r = subprocess.run([sys.executable, '-m', 'stages.capture', "
+              "*sys.argv[1:]]); print('peak-kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, "
+              "file=sys.stderr); sys.exit(r.returncode)")
+    result = subprocess.run([sys.executable, "-c", parent, "--model", str(small_model), "--prompts", str(prompts),
+                             "--out", str(tmp_path / "a.parquet")], capture_output=True, text=True,
+                            env=dict(os.environ, DVC_NO_ANALYTICS="1", PYTHONPATH=str(REPO)))
     assert result.returncode == 2
+    peak = int(result.stderr.split("peak-kib ")[1].split()[0])
     line = error_line(result.stderr)
     assert f"{prompts}:4: this prompt is " in line and "longer than the model's context (256 tokens)" in line
-    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 1_500_000  # KiB: no giant allocation
+    assert peak < 1_500_000  # KiB: no giant allocation
     assert not (tmp_path / "a.parquet").exists()
 
 
