@@ -289,11 +289,13 @@ def test_shared_prefix_equals_the_plain_forward(family, tmp_path, prompt_file):
 def test_shared_prefix_falls_back_when_the_first_batch_disagrees(models, prompt_file, tmp_path, monkeypatch):
     from abliterate.model import prefix
 
+    system = "You are a careful assistant."  # a prefix worth sharing (>= 25% of the tokens)
     _, plain = read(run_capture(models["llama"], prompt_file, tmp_path / "plain.parquet", batch_size=4,
-                                shared_prefix=False))
+                                shared_prefix=False, system_prompt=system))
     monkeypatch.setattr(prefix, "TOLERANCE", -1.0)  # no agreement is good enough
     heard = _Messages()
-    _, shared = read(run_capture(models["llama"], prompt_file, tmp_path / "shared.parquet", batch_size=4, report=heard))
+    _, shared = read(run_capture(models["llama"], prompt_file, tmp_path / "shared.parquet", batch_size=4,
+                                 report=heard, system_prompt=system))
     assert np.array_equal(plain, shared)
     assert any(line.startswith("shared prefix not used: the first batch differs") for line in heard.lines)
 
@@ -305,3 +307,12 @@ def test_shared_length_leaves_the_captured_positions_after_the_prefix():
     assert shared_length([[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6]], keep=2) == 4  # 6 - 2 left for positions
     assert shared_length([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]], keep=1) == 5  # one token always after it
     assert shared_length([[1, 2, 9, 4, 5, 6], [1, 2, 3, 4, 5, 6]], keep=1) == 0 < MIN_PREFIX
+
+
+def test_a_prefix_too_small_to_pay_is_not_used(models, prompt_file, tmp_path):
+    heard = _Messages()
+    _, shared = read(run_capture(models["llama"], prompt_file, tmp_path / "shared.parquet", batch_size=4, report=heard))
+    _, plain = read(run_capture(models["llama"], prompt_file, tmp_path / "plain.parquet", batch_size=4,
+                                shared_prefix=False))
+    assert np.array_equal(plain, shared)  # no system prompt: the role header alone is under 25% of the tokens
+    assert any(line.startswith("shared prefix not used: its") for line in heard.lines), heard.lines

@@ -98,6 +98,10 @@ def capture_batches(model, sequences: list[list[int]], offsets: list[int], batch
     try:
         with torch.inference_mode():
             length = shared.shared_length(sequences, -offsets[0]) if shared_prefix else 0
+            if length and length * len(sequences) < shared.MIN_SHARE * sum(len(x) for x in sequences):
+                if on_message is not None:
+                    on_message(f"shared prefix not used: its {length} tokens are under {shared.MIN_SHARE:.0%} of all tokens")
+                length = 0
             cache = shared.prefix_cache(model, sequences[0][:length], device) if length else None
             if length and cache is None:
                 length = 0
