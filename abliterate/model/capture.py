@@ -108,12 +108,11 @@ def _capture_streamed(model_dir: Path, dtype: str, device: str, sequences: list[
     import torch
 
     from abliterate.model.modelio import length_batches, pad_left, read_config
-    from abliterate.model.streaming import layer_batch, load_streamed, record_layer_calls, run_layers
+    from abliterate.model.streaming import DTYPE_BYTES, layer_batch, load_streamed, record_layer_calls, run_layers
 
     model = load_streamed(Path(model_dir), dtype=dtype, device=device, scratch_in=scratch_in)
     try:
-        width = torch.empty((), dtype=getattr(torch, dtype)).element_size()
-        batch_size = layer_batch(read_config(model_dir), max(len(s) for s in sequences), width,
+        batch_size = layer_batch(read_config(model_dir), max(len(s) for s in sequences), DTYPE_BYTES[dtype],
                                  max(model.layer_bytes), batch_size)
         groups = length_batches([len(s) for s in sequences], batch_size)
         inputs, cols = [], []

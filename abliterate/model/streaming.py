@@ -118,7 +118,7 @@ def free_bytes(device: str) -> list[int]:
 
 
 COMPUTE_DTYPES = ("auto", "checkpoint", "float32", "bfloat16", "float16")
-_WIDTH = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def checkpoint_dtype(model_dir: Path) -> str:
@@ -127,7 +127,7 @@ def checkpoint_dtype(model_dir: Path) -> str:
 
     config = read_config(model_dir)
     name = str(config.get("torch_dtype") or config.get("dtype") or text_config(config).get("dtype") or "float32")
-    return name if name in _WIDTH else "float32"
+    return name if name in DTYPE_BYTES else "float32"
 
 
 def resolve_dtype(name: str, device: str, model_dir: Path) -> str:
@@ -144,7 +144,7 @@ def resolve_dtype(name: str, device: str, model_dir: Path) -> str:
 def compute_bytes(model_dir: Path, dtype: str) -> int:
     """The checkpoint's bytes once loaded in ``dtype`` (a resolved name: float32 doubles a 16-bit checkpoint)."""
     stored = weights_bytes(model_dir)
-    return stored * _WIDTH.get(dtype, 4) // _WIDTH[checkpoint_dtype(model_dir)]
+    return stored * DTYPE_BYTES.get(dtype, 4) // DTYPE_BYTES[checkpoint_dtype(model_dir)]
 
 
 # Work inside a layer (per batch) always allowed, however small the layers: below it the batch size does not matter.
