@@ -33,16 +33,19 @@ class Plan:
 
 def plan(model: Path, shards_file: Path, directions: Path, scores: Path | None, out: Path, *, layers: str = "auto",
          measurement: str = "per-layer", scale: float = 3.0, options: AblationOptions = AblationOptions(),
-         auto_fraction: float = 0.5, overrides_from: str = "", search: Path | None = None) -> Plan:
+         auto_fraction: float = 0.5, overrides_from: str = "", search: Path | None = None,
+         quantized_edits: str = "requantize") -> Plan:
     """Resolve the settings, build every shard's edits and write ``out/<key>.json`` and the settings."""
     from abliterate.edits import build_edits
     from abliterate.formats.directions import check_indices, load_directions
     from abliterate.formats.model_yaml import read_shards
-    from abliterate.formats.plans import FORMAT, shard_documents, write_plan_dir
+    from abliterate.formats.plans import FORMAT, write_plan_dir
     from abliterate.formats.search_result import read_chosen, search_pick
     from abliterate.layers import PER_LAYER, default_layers, load_overrides, parse_index, parse_layers
     from abliterate.layers import resolve_layer_edits
     from abliterate.model.modelio import check_model_dir, read_config, text_config, weight_map
+    from abliterate.formats.plan_output import OUTPUT_FILE
+    from abliterate.quant.expand import output_changes, plan_documents
 
     check_model_dir(model)
     config = text_config(read_config(model))
@@ -74,16 +77,17 @@ def plan(model: Path, shards_file: Path, directions: Path, scores: Path | None, 
                                       num_layers, base_edits=None if searched is None else searched["edits"])
     edits, arch = build_edits(model, names, config, tensors, layer_edits, options,
                               default=LayerEdit(-1, embeddings_m, float(scale), float(options.sparsity)))
-    documents = shard_documents(edits, shards, int(config["hidden_size"]))
+    edits, documents = plan_documents(model, names, edits, shards, int(config["hidden_size"]), quantized_edits)
     settings = {
         "format": FORMAT, "architecture": arch, "model_type": config.get("model_type"), "num_layers": num_layers,
         "hidden_size": int(config["hidden_size"]), "layers": [e.to_json() for e in layer_edits],
         "defaults": {"layers": str(layers), "measurement": m, "scale": float(scale),
-                     "auto_fraction": float(auto_fraction), "overrides_from": overrides_from, **options.to_json()},
+                     "auto_fraction": float(auto_fraction), "overrides_from": overrides_from,
+                     "quantized_edits": quantized_edits, **options.to_json()},
         "shards": dict(sorted(shards.items())),
         "edited_tensors": {k: len({e["tensor"] for e in d["edits"]}) for k, d in sorted(documents.items())},
     }
     if searched is not None:
         settings["search"] = searched["source"]
-    write_plan_dir(out, documents, settings)
+    write_plan_dir(out, documents, settings, {OUTPUT_FILE: output_changes(model, documents)})
     return Plan(settings, layer_edits, edits)

@@ -113,6 +113,10 @@ def check(base: Path, plan: ShardPlan, out: Path | None) -> dict[str, list[Edit]
             fail(f"tensor {name} is stored as {info.dtype}; editing quantized tensors is not supported yet")
         if len({e.layout for e in edits}) != 1:
             fail(f"the plan mixes layouts for tensor {name}; rerun `dvc repro plan`")
+    if "expand" in plan.doc:  # ablate.quantized-edits: bfloat16 (abliterate.quant.expand)
+        from abliterate.quant.expand import check_expand
+
+        check_expand(header, plan.doc["expand"])
     return grouped
 
 
@@ -140,6 +144,13 @@ def ablate_shard(base: Path, plan: ShardPlan, out: Path, progress: Callable[[int
     grouped = check(base, plan, out)  # every check before the first byte is written
     plain = {name: edits for name, edits in grouped.items() if edits[0].storage is None}
     remove_stale(out)  # the temporary file of a killed run (full size: a shard's worth of disk)
+    expand = plan.doc.get("expand") or []
+    if expand or any(edits[0].storage and edits[0].storage.get("output") for edits in grouped.values()):
+        from abliterate.quant.expand import write_shard
+
+        with atomic_path(out) as tmp:  # a new header: quantized tensors written as bfloat16
+            write_shard(base, tmp, grouped, expand, producers(plain), progress)
+        return len(grouped)
     with atomic_path(out) as tmp:  # removed on every exit: error, Ctrl-C, SIGTERM (the stage makes it raise)
         # The kernel starts copying the unedited bytes while numpy loads and the producers are built.
         patch_copy(base, tmp, lambda: producers(plain), progress, names=list(plain))

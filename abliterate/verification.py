@@ -57,18 +57,20 @@ def norm_tolerance_for(dtype: str, hidden: int, override: float = 0.0) -> float:
     return max(tolerance_for(dtype, hidden), ROUNDOFF.get(dtype, 2.0**-8) * (1 + 1e-3) + 1e-6)
 
 
-def _same_bytes(fd_a: int, fd_b: int, begin: int, end: int) -> bool:
+def _same_bytes(fd_a: int, fd_b: int, begin: int, end: int, shift: int = 0) -> bool:
+    """Bytes ``begin:end`` of ``fd_a`` equal those ``shift`` bytes further in ``fd_b``."""
     pos = begin
     while pos < end:
         n = min(end - pos, 16 * 1024 * 1024)
-        if os.pread(fd_a, n, pos) != os.pread(fd_b, n, pos):
+        if os.pread(fd_a, n, pos) != os.pread(fd_b, n, pos + shift):
             return False
         pos += n
     return True
 
 
-def edited_metrics(fd_base: int, fd_abl: int, info, edits: list[Edit], gain) -> tuple[float, float]:
-    """``(max relative component along r, max relative norm drift)`` of one edited tensor (fp64)."""
+def edited_metrics(fd_base: int, fd_abl: int, info, edits: list[Edit], gain, info_abl=None) -> tuple[float, float]:
+    """``(max relative component along r, max relative norm drift)`` of one edited tensor (fp64); ``info_abl``:
+    where it lies in the ablated file (default: where it lies in the base's)."""
     import numpy as np
 
     from abliterate.formats.safetensors_io import read_rows, row_chunks
@@ -79,11 +81,12 @@ def edited_metrics(fd_base: int, fd_abl: int, info, edits: list[Edit], gain) -> 
     g = gain if gain is not None else np.ones_like(r)
     gr = g * r
     comp, drift = 0.0, 0.0
+    info_abl = info if info_abl is None else info_abl
     if last.layout == "columns":  # [hidden, in]: columns are the writes
         cols = info.shape[1]
         num, den, na, nb, ub = (np.zeros(cols) for _ in range(5))
         for a, b in row_chunks(info):
-            new = read_rows(fd_abl, info, a, b).astype(np.float64)
+            new = read_rows(fd_abl, info_abl, a, b).astype(np.float64)
             old = read_rows(fd_base, info, a, b).astype(np.float64)
             num += gr[a:b] @ new
             den += ((g[a:b, None] * new) ** 2).sum(0)
@@ -98,7 +101,7 @@ def edited_metrics(fd_base: int, fd_abl: int, info, edits: list[Edit], gain) -> 
         return comp, drift
     reader = last.role == "router"
     for a, b in row_chunks(info):
-        new = read_rows(fd_abl, info, a, b).astype(np.float64)  # [rows, hidden]
+        new = read_rows(fd_abl, info_abl, a, b).astype(np.float64)  # [rows, hidden]
         old = read_rows(fd_base, info, a, b).astype(np.float64)
         dots = np.abs(new @ gr)
         scale = np.linalg.norm(new, axis=1) * np.linalg.norm(gr) if reader else np.linalg.norm(new * g, axis=1)
@@ -150,9 +153,24 @@ def verify(base: Path, ablated: Path, plan_dir: Path | None = Path("artifacts/pl
     for key, plan in sorted(plans.items()):  # ablate's own check: the plan fits the base shard (names, dtypes, shapes)
         file = settings["shards"][key]
         edits.update(check_shard_plan(Path(base) / file, plan, None))
-    from abliterate.quant.check import covered, quantized_metrics
+    from abliterate.quant.check import converted_metrics, covered, quantized_metrics
+    from abliterate.quant.expand import converted_records, main_name, new_layout, output_changes
+    from abliterate.quant.expand import header_bytes as layout_header
+    from abliterate.quant.registry import stored_names
 
     stored_as = covered(edits)  # quantized targets: their codes and scales, measured de-quantized
+    # ablate.quantized-edits bfloat16: shards written with a new header, config and index changed with them
+    changes = output_changes(base, {key: plan.doc for key, plan in plans.items()})
+    converted, expected_headers = {}, {}
+    for key, plan in sorted(plans.items()):
+        records = converted_records(plan.doc)
+        if records:
+            file = settings["shards"][key]
+            header = read_header(Path(base) / file)
+            layout = new_layout(header, records)
+            head = layout_header(layout, header.metadata)
+            expected_headers[file] = (head, len(head) + sum(entry[3] for entry in layout))
+            converted[file] = records
     rows: list[list[str]] = []
 
     def checked(label: str, problems: list[str], value: str = "") -> None:
@@ -169,39 +187,61 @@ def verify(base: Path, ablated: Path, plan_dir: Path | None = Path("artifacts/pl
     hashes = {f: sha256_file(Path(base) / f) for f in files}
     checked("abliteration.json and README.md as finalize writes them",
             check_provenance(base, ablated, settings, plans, directions, hashes, len(names)))
-    count, same_files, problems = check_other_files(base, ablated, set(files))
-    checked("other files identical to the base", problems, f"{same_files}/{count}")
-    same, problems = check_shards(base, ablated, files)
-    checked("shard headers identical", problems, f"{len(same)}/{len(files)}")
+    count, same_files, problems = check_other_files(base, ablated, set(files),
+                                                    changes if changes["not_converted"] else None)
+    checked("other files identical to the base" + (" (config and index: bfloat16 edits)" if converted else ""),
+            problems, f"{same_files}/{count}")
+    same, problems = check_shards(base, ablated, files, expected_headers)
+    checked("shard headers identical" + (f" ({len(converted)} rewritten for bfloat16 edits)" if converted else ""),
+            problems, f"{len(same)}/{len(files)}")
     hidden = int(settings["hidden_size"])
     per_layer: dict = {}
     untouched, untouched_ok, recomputed = 0, 0, []
     for file in same:  # (a shard with another header was reported above: its tensors cannot be compared)
-        hb = read_header(Path(base) / file)
+        hb, ha = read_header(Path(base) / file), read_header(Path(ablated) / file)
+        records = {name: (record, shape) for name, record, shape in converted.get(file, [])}
+        as_bf16 = {n: name for name, (record, _) in records.items() for n in stored_names(record)}
         fd_b, fd_a = os.open(Path(base) / file, os.O_RDONLY), os.open(Path(ablated) / file, os.O_RDONLY)
         try:
-            for name, info in sorted(hb.tensors.items()):
-                name, measured_by = stored_as.get(name, (name, True))
-                if not measured_by:
-                    continue
-                if name not in edits:
+            for stored_name, info in sorted(hb.tensors.items()):
+                if stored_name in as_bf16:  # written as bfloat16: checked once, in place of its main stored tensor
+                    name = as_bf16[stored_name]
+                    if stored_name != main_name(records[name][0]):
+                        continue
+                else:
+                    name, measured_by = stored_as.get(stored_name, (stored_name, True))
+                    if not measured_by:
+                        continue
+                tensor_edits = edits.get(name)
+                if tensor_edits is None and name not in records:
                     untouched += 1
-                    untouched_ok += int(_same_bytes(fd_b, fd_a, info.begin, info.end))
+                    moved = ha.tensors.get(name)
+                    untouched_ok += int(moved is not None and _same_bytes(fd_b, fd_a, info.begin, info.end,
+                                                                          moved.begin - info.begin))
                     continue
-                tensor_edits = edits[name]
-                recomputed.append((name, recompute_quantized(Path(base) / file, Path(ablated) / file, tensor_edits)
-                                   if tensor_edits[0].storage is not None else
-                                   recompute(fd_b, fd_a, info, tensor_edits, ROUNDOFF.get(info.dtype, 2.0**-8))))
-                gname = tensor_edits[-1].gain
+                gname = tensor_edits[-1].gain if tensor_edits else None
                 gain = None
                 if gname:
                     gain = _vector(Path(base) / names[gname], gname) + float(tensor_edits[-1].gain_offset)
-                if tensor_edits[0].storage is not None:
+                if name in records:
+                    result, comp, drift = converted_metrics(Path(base) / file, Path(ablated) / file, name,
+                                                            *records[name], tensor_edits, gain)
+                    recomputed.append((name, result))
+                    if tensor_edits is None:  # a converted module's unedited tensor: its exact de-quantization
+                        continue
+                    tol, tolerance_floor = tolerance_for("BF16", hidden, tolerance), None
+                    norm_tol = norm_tolerance_for("BF16", hidden, tolerance)
+                elif tensor_edits[0].storage is not None:
+                    recomputed.append((name, recompute_quantized(Path(base) / file, Path(ablated) / file,
+                                                                 tensor_edits)))
                     found = quantized_metrics(Path(base) / file, Path(ablated) / file, tensor_edits, gain)
                     comp, drift, tol, norm_tol = found["comp"], found["drift"], found["tol"], found["norm_tol"]
                     tolerance_floor = found["floor"]
                 else:
-                    comp, drift = edited_metrics(fd_b, fd_a, info, tensor_edits, gain)
+                    moved = ha.tensors.get(name, info)
+                    recomputed.append((name, recompute(fd_b, fd_a, info, tensor_edits,
+                                                       ROUNDOFF.get(info.dtype, 2.0**-8), at=moved.begin)))
+                    comp, drift = edited_metrics(fd_b, fd_a, info, tensor_edits, gain, moved)
                     tol = tolerance_for(info.dtype, hidden, tolerance)
                     norm_tol, tolerance_floor = norm_tolerance_for(info.dtype, hidden, tolerance), None
                 check_comp = float(tensor_edits[-1].scale) == 1.0

@@ -59,8 +59,8 @@ def rebuilt_plan(base: Path, settings: dict, plans: dict, directions: Path) -> d
     """The shard documents ``plan`` writes for these settings, rebuilt from the base model and the directions."""
     from abliterate.edits import build_edits
     from abliterate.formats.directions import load_directions
-    from abliterate.formats.plans import shard_documents
     from abliterate.model.modelio import read_config, text_config, weight_map
+    from abliterate.quant.expand import plan_documents
     from abliterate.records import AblationOptions, LayerEdit
 
     config = text_config(read_config(base))
@@ -75,8 +75,10 @@ def rebuilt_plan(base: Path, settings: dict, plans: dict, directions: Path) -> d
     # the embeddings' measurement (the best index when the layers use per-layer ones) is stored in their edits only
     embedded = [e.measurement for plan in plans.values() for e in plan.edits if e.layer is None]
     default = LayerEdit(-1, embedded[0] if embedded else 0, float(defaults["scale"]), options.sparsity)
-    edits, _ = build_edits(base, weight_map(base), config, tensors, layer_edits, options, default)
-    return shard_documents(edits, settings["shards"], int(config["hidden_size"]))
+    names = weight_map(base)
+    edits, _ = build_edits(base, names, config, tensors, layer_edits, options, default)
+    mode = str(defaults.get("quantized_edits", "requantize"))
+    return plan_documents(base, names, edits, settings["shards"], int(config["hidden_size"]), mode)[1]
 
 
 def check_plan(base: Path, settings: dict, plans: dict, directions: Path) -> list[str]:
@@ -137,11 +139,14 @@ def check_provenance(base: Path, ablated: Path, settings: dict, plans: dict, dir
     return problems
 
 
-def check_other_files(base: Path, ablated: Path, shards: set[str]) -> tuple[int, int, list[str]]:
-    """``(base files, those identical, problems)``: every non-weight file is the base's, byte for byte;
-    nothing extra but the provenance and the card."""
+def check_other_files(base: Path, ablated: Path, shards: set[str], changes: dict | None = None
+                      ) -> tuple[int, int, list[str]]:
+    """``(base files, those as expected, problems)``: every non-weight file is the base's, byte for byte
+    (the config and index with ``changes`` applied, :func:`abliterate.formats.plan_output.carried_bytes`, when
+    tensors were written as bfloat16); nothing extra but the provenance and the card."""
     from abliterate.formats.model_yaml import carried_files
     from abliterate.formats.provenance import CARD, PROVENANCE
+    from abliterate.formats.plan_output import carried_bytes
 
     carried = sorted(carried_files(Path(base)).values())
     problems, same = [], 0
@@ -149,8 +154,9 @@ def check_other_files(base: Path, ablated: Path, shards: set[str]) -> tuple[int,
         path = Path(ablated) / name
         if not path.is_file():
             problems.append(f"{name} is missing from the ablated folder")
-        elif path.read_bytes() != (Path(base) / name).read_bytes():
-            problems.append(f"{name} differs from the base model's")
+        elif path.read_bytes() != carried_bytes(name, (Path(base) / name).read_bytes(), changes):
+            problems.append(f"{name} differs from the base model's" + (" (with the bfloat16 edits' changes)"
+                                                                       if changes else ""))
         else:
             same += 1
     expected = set(carried) | shards | {PROVENANCE, CARD}
@@ -175,16 +181,20 @@ def header_bytes(path: Path) -> bytes | None:
         return None
 
 
-def check_shards(base: Path, ablated: Path, files: list[str]) -> tuple[list[str], list[str]]:
-    """``(shards whose header and size are the base's, problems)``; a header found under another name is named
-    as a swap."""
-    base_headers = {f: header_bytes(Path(base) / f) for f in files}
+def check_shards(base: Path, ablated: Path, files: list[str], rewritten: dict[str, tuple[bytes, int]] | None = None
+                 ) -> tuple[list[str], list[str]]:
+    """``(shards whose header and size are as expected, problems)``: the base's, or for the shards in
+    ``rewritten`` (file -> (header bytes, size): bfloat16 edits) those; a header found under another name is
+    named as a swap."""
+    rewritten = rewritten or {}
+    base_headers = {f: rewritten[f][0] if f in rewritten else header_bytes(Path(base) / f) for f in files}
     present = sorted(p.name for p in Path(ablated).glob("*.safetensors"))
     abl_headers = {f: header_bytes(Path(ablated) / f) for f in present}
     same, problems = [], []
     for file in files:
         if abl_headers.get(file) is not None and abl_headers[file] == base_headers[file]:
-            size, expected = (Path(ablated) / file).stat().st_size, (Path(base) / file).stat().st_size
+            size = (Path(ablated) / file).stat().st_size
+            expected = rewritten[file][1] if file in rewritten else (Path(base) / file).stat().st_size
             if size == expected:
                 same.append(file)
             else:
@@ -196,5 +206,6 @@ def check_shards(base: Path, ablated: Path, files: list[str]) -> tuple[list[str]
         elif file not in abl_headers:
             problems.append(f"shard {file} is missing from the ablated folder")
         else:
-            problems.append(f"shard {file}'s header differs from the base's (names, dtypes, shapes or offsets)")
+            problems.append(f"shard {file}'s header differs from the " + ("one the bfloat16 edits give" if file in rewritten
+                            else "base's") + " (names, dtypes, shapes or offsets)")
     return same, problems

@@ -34,36 +34,46 @@ class Recomputed:
         return self.outside == 0
 
 
-def recompute(fd_base: int, fd_abl: int, info, edits: list[Edit], roundoff: float) -> Recomputed:
-    """Compare the ablated tensor ``info`` (same offsets in both files) with ablate's producer run on
-    the base; ``roundoff``: the unit roundoff of ``info.dtype``."""
+def compare(result: Recomputed, expected, got, dtype: str, roundoff: float) -> None:
+    """Add one chunk to ``result``: ``expected`` and ``got`` in storage form (numpy, ``dtype``)."""
     import numpy as np
 
-    from abliterate.formats.safetensors_io import FLOAT_DTYPES, as_rows, decode, encode, read_into
+    from abliterate.formats.safetensors_io import decode
+
+    result.elements += expected.size
+    if got.tobytes() == expected.tobytes():
+        return
+    result.identical = False
+    e = decode(expected, dtype).astype(np.float64)
+    a = decode(got, dtype).astype(np.float64)
+    diff = np.abs(a - e)
+    allowed = 4 * roundoff * np.abs(e) + CANCELLATION * float(np.nanmax(np.abs(e), initial=0.0))
+    beyond = ~(diff <= allowed)  # NaN on either side counts
+    if beyond.any():
+        result.outside += int(beyond.sum())
+        worst = diff[beyond]
+        result.worst = max(result.worst, float(np.where(np.isnan(worst), np.inf, worst).max()))
+
+
+def recompute(fd_base: int, fd_abl: int, info, edits: list[Edit], roundoff: float, at: int | None = None) -> Recomputed:
+    """Compare the ablated tensor ``info`` (at byte ``at`` of the ablated file; default: the base's
+    offset) with ablate's producer run on the base; ``roundoff``: the unit roundoff of ``info.dtype``."""
+    import numpy as np
+
+    from abliterate.formats.safetensors_io import FLOAT_DTYPES, as_rows, encode, read_into
     from abliterate.shard_edit import producer
 
     storage, item = FLOAT_DTYPES[info.dtype]
     _, cols = as_rows(info)
+    start = info.begin if at is None else at
     result = Recomputed()
 
     def write(chunk, first_row: int, finite: bool = False) -> None:
         # the chunk lives in the producer's buffers: encode (a copy) before anything else
         expected = np.array(encode(chunk, info.dtype, finite=finite), dtype=storage).reshape(-1)
         got = np.empty(expected.size, dtype=storage)
-        read_into(fd_abl, memoryview(got).cast("B"), info.begin + first_row * cols * item, info.name)
-        result.elements += expected.size
-        if got.tobytes() == expected.tobytes():
-            return
-        result.identical = False
-        e = decode(expected, info.dtype).astype(np.float64)
-        a = decode(got, info.dtype).astype(np.float64)
-        diff = np.abs(a - e)
-        allowed = 4 * roundoff * np.abs(e) + CANCELLATION * float(np.nanmax(np.abs(e), initial=0.0))
-        beyond = ~(diff <= allowed)  # NaN on either side counts
-        if beyond.any():
-            result.outside += int(beyond.sum())
-            worst = diff[beyond]
-            result.worst = max(result.worst, float(np.where(np.isnan(worst), np.inf, worst).max()))
+        read_into(fd_abl, memoryview(got).cast("B"), start + first_row * cols * item, info.name)
+        compare(result, expected, got, info.dtype, roundoff)
 
     producer(edits)(fd_base, info, write)
     return result

@@ -17,11 +17,13 @@ def main(
     files: Annotated[Path, option(help="model.yaml (its files table: key -> file name).")] = Path("model.yaml"),
     base: Annotated[Path, option(help="The base model folder.")] = Path("models/base"),
     out: Annotated[Path, option(help="The ablated model folder.")] = Path("artifacts/model"),
+    plan: Annotated[Path, option(help="The plan folder: with ablate.quantized-edits bfloat16, the config and the "
+                                      "index take its output changes (none: copied unchanged).")] = None,
 ) -> None:
-    """Copy one non-weight file (config, tokenizer, chat template, index) of the base model unchanged."""
+    """Copy one non-weight file (config, tokenizer, chat template, index) of the base model."""
     from abliterate.carry import carry
 
-    carry(files, key, base, out)
+    carry(files, key, base, out, plan)
 
 
 # ``app``, the typer command, built on first use (DVC's per-file runs never import typer)
@@ -29,10 +31,10 @@ __getattr__ = lazy_app(globals(), main)
 
 
 if __name__ == "__main__":
-    # DVC starts this once per file with the same four options: read directly, without typer's start-up
+    # DVC starts this once per file with the same five options: read directly, without typer's start-up
     import sys
 
-    given = direct_options(sys.argv[1:], ("--key", "--files", "--base", "--out"))
+    given = direct_options(sys.argv[1:], ("--key", "--files", "--base", "--out", "--plan"))
     if given is None:
         run_app(__getattr__("app"))
     else:

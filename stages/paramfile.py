@@ -54,6 +54,7 @@ STAGES: dict[str, dict[str, str]] = {
         "layers": "ablate.layers", "measurement": "ablate.measurement", "scale": "ablate.scale",
         "norm_preserve": "ablate.norm-preserve", "projected": "ablate.projected", "sparsity": "ablate.sparsity",
         "targets": "ablate.targets", "auto_fraction": "ablate.auto-fraction",
+        "quantized_edits": "ablate.quantized-edits",
     },
     "stages.baseline": {
         "max_new_tokens": "evaluate.max-new-tokens", "kl_tokens": "evaluate.kl-tokens",

@@ -81,6 +81,9 @@ def main(
                                                 "mycfg.yml:ablate.")] = "",
     search: Annotated[Path, typer.Option(help="search.json written by the search stage (read with --layers "
                                          "search only).")] = None,
+    quantized_edits: Annotated[str, typer.Option(help="Edited tensors of an FP8/MXFP4/NVFP4 checkpoint: requantize "
+                                                 "(back into its format, fresh scales) or bfloat16 (written "
+                                                 "unquantized, their modules listed as not to convert).")] = "requantize",
 ) -> None:
     """Decide every tensor edit, one deterministic JSON per shard (an empty edit list for untouched shards)."""
     from abliterate.records import AblationOptions
@@ -91,7 +94,8 @@ def main(
                               projected=parse_bool(projected, "--projected"), sparsity=sparsity,
                               targets=parse_targets(targets))
     result = plan(model, shards, directions, scores, out, layers=layers, measurement=measurement, scale=scale,
-                  options=options, auto_fraction=auto_fraction, overrides_from=overrides_from, search=search)
+                  options=options, auto_fraction=auto_fraction, overrides_from=overrides_from, search=search,
+                  quantized_edits=quantized_edits)
     _report(result.layer_edits, result.edits, result.settings)
 
 

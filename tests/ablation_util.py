@@ -102,8 +102,11 @@ def plan_and_ablate(model: Path, work: Path, **settings) -> Path:
     table = yaml.safe_load(shards.read_text())
     for key, name in table["shards"].items():
         ablate_shard(model / name, load_shard_plan(work / "plan" / f"{key}.json"), out / name)
+    from abliterate.formats.plan_output import carried_bytes, read_changes
+
+    changes = read_changes(work / "plan")  # the carry stage's work: config and index change with bfloat16 edits
     for name in table["files"].values():
-        shutil.copy(model / name, out / name)
+        (out / name).write_bytes(carried_bytes(name, (model / name).read_bytes(), changes))
     return out
 
 

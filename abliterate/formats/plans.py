@@ -65,8 +65,10 @@ def shard_documents(edits: list[Edit], shards: dict[str, str], hidden: int) -> d
     return docs
 
 
-def write_plan_dir(out: str | Path, documents: dict[str, dict], settings: dict) -> None:
-    """Write every shard's document and the settings into the folder ``out``, replaced atomically."""
+def write_plan_dir(out: str | Path, documents: dict[str, dict], settings: dict, extra: dict[str, dict] | None = None
+                   ) -> None:
+    """Write every shard's document, the settings and the ``extra`` documents (file name -> document: the
+    output changes of :mod:`abliterate.quant.expand`) into the folder ``out``, replaced atomically."""
     if SETTINGS_FILE[:-5] in documents:
         fail(f"model.yaml uses the reserved shard key {SETTINGS_FILE[:-5]!r}; run `abliterate use SOURCE` again")
     with atomic_path(out) as tmp:
@@ -74,6 +76,8 @@ def write_plan_dir(out: str | Path, documents: dict[str, dict], settings: dict) 
         for key, doc in documents.items():
             (tmp / f"{key}.json").write_text(dumps_json(doc), encoding="utf-8")
         (tmp / SETTINGS_FILE).write_text(dumps_json(settings), encoding="utf-8")
+        for name, doc in (extra or {}).items():
+            (tmp / name).write_text(dumps_json(doc), encoding="utf-8")
 
 
 def parse_shard_plan(doc, where: str) -> ShardPlan:

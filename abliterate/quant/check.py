@@ -79,3 +79,39 @@ def quantized_metrics(base: Path, ablated: Path, group: list[Edit], gain) -> dic
     out["tol"] = 2 * out["floor"] + SLACK
     out["norm_tol"] = 2 * out["floor_drift"] + SLACK
     return out
+
+
+def converted_metrics(base: Path, ablated: Path, name: str, record: dict, shape: tuple[int, ...],
+                      group: list[Edit] | None, gain) -> tuple[object, float, float]:
+    """A tensor written as bfloat16 (``ablate.quantized-edits``): ``(Recomputed, comp, drift)``, its bytes
+    against ablate's own (de-quantized, edited when ``group`` is given, rounded to bfloat16) and, when
+    edited, its component along ``r`` and norm drift from the de-quantized base (as above)."""
+    import numpy as np
+
+    from abliterate.formats.safetensors_io import decode, encode, read_header, read_into
+    from abliterate.quant import stored
+    from abliterate.quant.expand import bf16_pieces
+    from abliterate.verify_tensors import Recomputed, compare
+
+    tb = read_header(base).tensors
+    info = read_header(ablated).tensors.get(name)
+    result, comp, drift = Recomputed(), 0.0, 0.0
+    if info is None or info.dtype != "BF16" or tuple(info.shape) != tuple(shape):
+        return Recomputed(elements=0, identical=False, outside=1, worst=float("inf")), 0.0, 0.0
+    fd_b, fd_a = os.open(base, os.O_RDONLY), os.open(ablated, os.O_RDONLY)
+    try:
+        at = info.begin
+        for piece, values in enumerate(bf16_pieces(fd_b, record, tb, group)):
+            expected = np.asarray(encode(values, "BF16"))
+            got = np.empty_like(expected)
+            read_into(fd_a, memoryview(got).cast("B"), at, name)
+            at += expected.nbytes
+            compare(result, expected, got, "BF16", 2.0**-8)
+            if group:
+                old = stored.load(fd_b, record, tb, piece)[0]
+                c, d = _measure(decode(got, "BF16").reshape(values.shape), old, group[-1], gain)
+                comp, drift = max(comp, c), max(drift, d)
+    finally:
+        os.close(fd_b)
+        os.close(fd_a)
+    return result, comp, drift
