@@ -3,9 +3,11 @@
 The model is built by transformers itself (``from_pretrained``) with every decoder layer offloaded
 to disk: the embeddings, final norm, head and rotary tables are loaded, each layer's parameters
 stay on the meta device, and transformers records where each one lives (the checkpoint's own
-shards through their memory map; MoE experts that transformers fuses at load time are written,
-fused, to a scratch folder that :meth:`Streamed.close` deletes). So every family's weight renaming,
-fusing and de-quantization stays the library's.
+shards through their memory map; tensors that transformers converts at load time are written,
+converted, to a scratch folder that :meth:`Streamed.close` deletes: MoE experts it fuses, and the
+weights of a block-scaled FP8 or MXFP4 checkpoint, which it de-quantizes on a CPU, in the compute
+dtype, so that scratch holds the decoder layers at 2-4 bytes a weight for 0.5-1 stored). So every
+family's weight renaming, fusing and de-quantization stays the library's.
 
 Placement (:func:`placement`): one device, layers spread over several GPUs, or streamed.
 :func:`opened` gives baseline and evaluate their model (a streamed one runs generation and
