@@ -112,6 +112,26 @@ def test_auto_streams_only_when_the_model_does_not_fit(tmp_path):
     assert place("off", model, "float32", "cpu", free=[0]) == "one"
 
 
+@pytest.mark.parametrize("family, fmt, overrides", QUANTIZED, ids=[f"{f}-{q}" for f, q, _ in QUANTIZED])
+def test_a_quantized_checkpoint_counts_de_quantized(tmp_path, family, fmt, overrides):
+    """transformers de-quantizes FP8 and MXFP4 into the compute dtype, so auto placement counts the
+    model it builds (its stored size is 2-4 times smaller in float32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from abliterate.model.streaming import compute_bytes, weights_bytes
+    from tests import quant_util
+
+    floats = tiny.make_model(family, tmp_path / "float", layers=3, **overrides)
+    assert compute_bytes(floats, "float32") == weights_bytes(floats)  # unquantized: as stored
+    model = quant_util.quantize_model(floats, tmp_path / "model", fmt)
+    loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    real = sum(p.numel() * 4 for p in loaded.parameters())
+    assert abs(compute_bytes(model, "float32") - real) <= 0.1 * real
+    assert compute_bytes(model, "bfloat16") * 2 == compute_bytes(model, "float32")
+    assert weights_bytes(model) < 0.6 * real  # what the stored size alone would have counted
+
+
 def test_several_gpus_take_a_model_too_big_for_one():
     from abliterate.model.streaming import placement
 
