@@ -41,7 +41,12 @@ def capture(model: Path, prompts: Path, out: Path, streaming: str, **options) ->
 
 @pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_streamed_capture_equals_in_memory(prompt_file, tmp_path, family):
-    model = tiny.make_model(family, tmp_path / "model", layers=3)
+    _check_streamed_capture(tiny.make_model(family, tmp_path / "model", layers=3), prompt_file, tmp_path)
+
+
+def _check_streamed_capture(model: Path, prompt_file: Path, tmp_path: Path) -> None:
+    """Capture of the 3-layer ``model`` in memory and streamed: the same keys, each vector within 1e-4 of
+    its largest element, and the scratch folder gone."""
     loaded = capture(model, prompt_file, tmp_path / "loaded.parquet", "off")
     streamed = capture(model, prompt_file, tmp_path / "streamed.parquet", "on")
     assert (loaded["streamed"], streamed["streamed"]) == (False, True)
@@ -51,6 +56,18 @@ def test_streamed_capture_equals_in_memory(prompt_file, tmp_path, family):
     scale = np.abs(a).max(axis=1, keepdims=True)
     assert np.all(np.abs(a - b) <= 1e-4 * scale)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".abliterate-stream")] == []  # scratch removed
+
+
+# transformers de-quantizes these on a CPU when it loads them; streamed, each layer comes de-quantized too
+QUANTIZED = [("llama", "fp8-block", {}), ("qwen3_moe", "fp8-block", {}), ("gpt_oss", "mxfp4", {"intermediate_size": 64})]
+
+
+@pytest.mark.parametrize("family, fmt, overrides", QUANTIZED, ids=[f"{f}-{q}" for f, q, _ in QUANTIZED])
+def test_a_quantized_checkpoint_streams_de_quantized(prompt_file, tmp_path, family, fmt, overrides):
+    from tests import quant_util
+
+    floats = tiny.make_model(family, tmp_path / "float", layers=3, **overrides)
+    _check_streamed_capture(quant_util.quantize_model(floats, tmp_path / "model", fmt), prompt_file, tmp_path)
 
 
 def test_a_16_bit_checkpoint_streams_in_float32(prompt_file, tmp_path):
@@ -95,6 +112,26 @@ def test_auto_streams_only_when_the_model_does_not_fit(tmp_path):
     assert place("off", model, "float32", "cpu", free=[0]) == "one"
 
 
+@pytest.mark.parametrize("family, fmt, overrides", QUANTIZED, ids=[f"{f}-{q}" for f, q, _ in QUANTIZED])
+def test_a_quantized_checkpoint_counts_de_quantized(tmp_path, family, fmt, overrides):
+    """transformers de-quantizes FP8 and MXFP4 into the compute dtype, so auto placement counts the
+    model it builds (its stored size is 2-4 times smaller in float32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from abliterate.model.streaming import compute_bytes, weights_bytes
+    from tests import quant_util
+
+    floats = tiny.make_model(family, tmp_path / "float", layers=3, **overrides)
+    assert compute_bytes(floats, "float32") == weights_bytes(floats)  # unquantized: as stored
+    model = quant_util.quantize_model(floats, tmp_path / "model", fmt)
+    loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    real = sum(p.numel() * 4 for p in loaded.parameters())
+    assert abs(compute_bytes(model, "float32") - real) <= 0.1 * real
+    assert compute_bytes(model, "bfloat16") * 2 == compute_bytes(model, "float32")
+    assert weights_bytes(model) < 0.6 * real  # what the stored size alone would have counted
+
+
 def test_several_gpus_take_a_model_too_big_for_one():
     from abliterate.model.streaming import placement
 
@@ -123,13 +160,30 @@ SETS = {"harmful": HARMFUL, "harmless": HARMLESS[:4], "borderline": ["How do I k
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt_oss", "qwen3_moe", "qwen3_next"])
 def test_streamed_baseline_and_evaluate_equal_in_memory(tmp_path, family):
+    base = tiny.make_model(family, tmp_path / "base", layers=3)
+    other = tiny.make_model(family, tmp_path / "other", layers=3, seed=1)  # stands for an ablated copy
+    _baseline_and_evaluate_streamed_and_in_memory(tmp_path, base, other)
+
+
+@pytest.mark.parametrize("family, fmt, overrides", [QUANTIZED[0], QUANTIZED[2]], ids=["llama-fp8-block", "gpt_oss-mxfp4"])
+def test_streamed_baseline_and_evaluate_of_a_quantized_checkpoint_equal_in_memory(tmp_path, family, fmt, overrides):
+    from tests import quant_util
+
+    models = []
+    for name, seed in (("base", 0), ("other", 1)):
+        floats = tiny.make_model(family, tmp_path / f"{name}-float", layers=3, seed=seed, **overrides)
+        models.append(quant_util.quantize_model(floats, tmp_path / name, fmt))
+    _baseline_and_evaluate_streamed_and_in_memory(tmp_path, *models)
+
+
+def _baseline_and_evaluate_streamed_and_in_memory(tmp_path, base, other):
+    """Baseline of ``base`` and evaluation of ``other`` against it, in memory and streamed: the same answers,
+    first-token log-probabilities within 1e-4 and metrics within 1e-4 relative."""
     from abliterate.baseline import build_baseline
     from abliterate.evaluation import evaluate
     from abliterate.formats.baseline_table import read_baseline
     from abliterate.progress import Silent
 
-    base = tiny.make_model(family, tmp_path / "base", layers=3)
-    other = tiny.make_model(family, tmp_path / "other", layers=3, seed=1)  # stands for an ablated copy
     files = {name: str(write_lines(tmp_path / f"{name}.txt", lines)) for name, lines in SETS.items()}
     settings = dict(max_new_tokens=6, kl_tokens=3, batch_size=2, dtype="float32", device="cpu", top_k=8,
                     report=Silent())

@@ -3,9 +3,11 @@
 The model is built by transformers itself (``from_pretrained``) with every decoder layer offloaded
 to disk: the embeddings, final norm, head and rotary tables are loaded, each layer's parameters
 stay on the meta device, and transformers records where each one lives (the checkpoint's own
-shards through their memory map; MoE experts that transformers fuses at load time are written,
-fused, to a scratch folder that :meth:`Streamed.close` deletes). So every family's weight renaming,
-fusing and de-quantization stays the library's.
+shards through their memory map; tensors that transformers converts at load time are written,
+converted, to a scratch folder that :meth:`Streamed.close` deletes: MoE experts it fuses, and the
+weights of a block-scaled FP8 or MXFP4 checkpoint, which it de-quantizes on a CPU, in the compute
+dtype, so that scratch holds the decoder layers at 2-4 bytes a weight for 0.5-1 stored). So every
+family's weight renaming, fusing and de-quantization stays the library's.
 
 Placement (:func:`placement`): one device, layers spread over several GPUs, or streamed.
 :func:`opened` gives baseline and evaluate their model (a streamed one runs generation and
@@ -142,9 +144,45 @@ def resolve_dtype(name: str, device: str, model_dir: Path) -> str:
 
 
 def compute_bytes(model_dir: Path, dtype: str) -> int:
-    """The checkpoint's bytes once loaded in ``dtype`` (a resolved name: float32 doubles a 16-bit checkpoint)."""
-    stored = weights_bytes(model_dir)
-    return stored * DTYPE_BYTES.get(dtype, 4) // DTYPE_BYTES[checkpoint_dtype(model_dir)]
+    """The checkpoint's bytes once loaded in ``dtype`` (a resolved name: float32 doubles a 16-bit checkpoint).
+
+    A quantized checkpoint (:func:`abliterate.quant.registry.method_of`) is counted from its shard
+    headers instead (:func:`dequantized_elements`): transformers de-quantizes it into ``dtype``, so
+    its stored size (0.5-1 byte a weight) would under-state the need 2-8 times. Where a GPU kernel
+    keeps the weights quantized, this is an upper bound."""
+    from abliterate.quant.registry import method_of
+
+    width = DTYPE_BYTES.get(dtype, 4)
+    if method_of(model_dir) is None:
+        return weights_bytes(model_dir) * width // DTYPE_BYTES[checkpoint_dtype(model_dir)]
+    from abliterate.formats.safetensors_io import read_header
+
+    info = {name: t for path in sorted(Path(model_dir).glob("*.safetensors"))
+            for name, t in read_header(path).tensors.items()}
+    return dequantized_elements(info) * width
+
+
+PACKED = ("F8_E4M3", "F8_E5M2", "U8")  # stored dtypes of quantized weights (FP8 codes; MXFP4 and NVFP4 nibbles)
+
+
+def dequantized_elements(info: dict) -> int:
+    """Elements of the model transformers builds from a quantized checkpoint (``info``: name ->
+    TensorInfo over all shards). An FP8 ``weight`` holds one per byte; gpt-oss MXFP4 ``x_blocks``
+    (beside ``x_scales``) and a ModelOpt NVFP4 ``weight`` (uint8 beside ``weight_scale``) two per
+    byte. The scales of a quantized weight (``weight_scale_inv``, ``weight_scale``,
+    ``weight_scale_2``, ``x_scales``) count nothing: de-quantizing folds them into the weight and
+    the model keeps no copy. Every other tensor counts its own elements."""
+    total = 0
+    for name, t in info.items():
+        if name.endswith("_scales") and name[: -len("_scales")] + "_blocks" in info:
+            continue
+        base = next((name[: -len(s)] for s in ("_scale_inv", "_scale_2", "_scale") if name.endswith(s)), None)
+        if base is not None and base in info and info[base].dtype in PACKED:
+            continue
+        nibbles = t.dtype == "U8" and ((name.endswith("_blocks") and name[: -len("_blocks")] + "_scales" in info)
+                                       or name + "_scale" in info)
+        total += t.numel * (2 if nibbles else 1)
+    return total
 
 
 # Work inside a layer (per batch) always allowed, however small the layers: below it the batch size does not matter.
