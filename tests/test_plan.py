@@ -98,7 +98,7 @@ def test_every_shard_gets_a_deterministic_plan(llama, tmp_path):
     _plan(llama, tmp_path / "b", layers="1", targets="attention")
     keys = yaml.safe_load((llama / "model.yaml").read_text())["shards"]
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert files == sorted([f"{k}.json" for k in keys] + ["_settings.json"])
+    assert files == sorted([f"{k}.json" for k in keys] + ["_settings.json", "_output.json"])
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     docs = [json.loads((tmp_path / "a" / f"{k}.json").read_text()) for k in keys]
