@@ -184,3 +184,30 @@ def test_ablate_stage_writes_the_same_bytes_from_the_command_line(tmp_path):
                               env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         assert (tmp_path / name).read_bytes() == (out / name).read_bytes()
+
+
+@pytest.mark.parametrize("family,fmt,overrides", [("gpt_oss", "mxfp4", {"intermediate_size": 64}),
+                                                   ("qwen3_moe", "fp8-block", {})], ids=["mxfp4", "fp8-block"])
+def test_the_bytes_do_not_depend_on_the_threads(family, fmt, overrides, tmp_path, monkeypatch):
+    """Pieces are edited on several threads at once (one per CPU): any count writes the same bytes."""
+    from abliterate.formats.plans import load_shard_plan
+    from abliterate.quant.rewrite import threads
+    from abliterate.shard_edit import ablate_shard
+
+    floats = tiny.make_model(family, tmp_path / "float", layers=2, **overrides)
+    base = qu.quantize_model(floats, tmp_path / "base", fmt)
+    work = tmp_path / "work"
+    work.mkdir()
+    plan_and_ablate(base, work, layers="0-1", measurement="1", targets=TARGETS)
+    written = {}
+    for count in ("1", "3"):
+        monkeypatch.setenv("ABLITERATE_THREADS", count)
+        assert threads(100) == int(count)
+        for plan_file in sorted((work / "plan").glob("[0-9]*.json")):
+            plan = load_shard_plan(plan_file)
+            target = tmp_path / count / plan.file
+            target.parent.mkdir(exist_ok=True)
+            ablate_shard(base / plan.file, plan, target)
+            written.setdefault(plan.file, set()).add(target.read_bytes())
+    assert all(len(versions) == 1 for versions in written.values())
+    assert any((tmp_path / "1" / f).read_bytes() != (base / f).read_bytes() for f in written)

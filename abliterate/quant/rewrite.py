@@ -119,21 +119,37 @@ def rewrite_quantized(base: Path, out: Path, grouped: dict[str, list[Edit]]) -> 
     from abliterate.formats.safetensors_io import read_header
     from abliterate.quant import stored
 
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
     tensors = read_header(base).tensors
     keep_freed_heap()
+    tasks = [(name, piece) for name in sorted(grouped) for piece in stored.pieces(grouped[name][0].storage, tensors)]
     fd_in = os.open(base, os.O_RDONLY)
     try:
         fd_out = os.open(out, os.O_WRONLY)
+        pool = ThreadPoolExecutor(max_workers=threads(len(tasks)))
         try:
-            for name in sorted(grouped):
+            def one(name: str, piece: int) -> None:  # one tensor, or one expert, in memory per thread
                 record = grouped[name][0].storage
-                for piece in stored.pieces(record, tensors):  # one tensor, or one expert, in memory at a time
-                    arrays = edit_piece(fd_in, record, tensors, piece, grouped[name])
-                    stored.store(fd_out, record, tensors, piece, arrays)
+                stored.store(fd_out, record, tensors, piece, edit_piece(fd_in, record, tensors, piece, grouped[name]))
+
+            done, _ = wait([pool.submit(one, *task) for task in tasks], return_when=FIRST_EXCEPTION)
+            for future in done:
+                future.result()  # the first error, if any, raised here
         finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # no thread writes once the descriptors are closed
             os.close(fd_out)
     finally:
         os.close(fd_in)
+
+
+def threads(tasks: int) -> int:
+    """Pieces edited at once: one per CPU (numpy releases the GIL; the writes are small, so no core is kept
+    for a writer as for bf16 shards), at most 8, at most the pieces; ``ABLITERATE_THREADS`` sets it. Each
+    holds one piece in float32 (a block-scaled FP8 writer: its codes and one band)."""
+    value = os.environ.get("ABLITERATE_THREADS", "")
+    count = int(value) if value.isdigit() and int(value) > 0 else min(8, os.cpu_count() or 1)
+    return max(1, min(count, tasks))
 
 
 def keep_freed_heap(pad: int = 64 << 20) -> None:
