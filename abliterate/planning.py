@@ -32,7 +32,7 @@ class Plan:
 
 
 def plan(model: Path, shards_file: Path, directions: Path, scores: Path | None, out: Path, *, layers: str = "auto",
-         measurement: str = "per-layer", scale: float = 3.0, options: AblationOptions = AblationOptions(),
+         measurement: str = "per-layer", scale: float = 2.5, options: AblationOptions = AblationOptions(),
          auto_fraction: float = 0.5, overrides_from: str = "", search: Path | None = None,
          quantized_edits: str = "requantize") -> Plan:
     """Resolve the settings, build every shard's edits and write ``out/<key>.json`` and the settings."""

@@ -44,7 +44,7 @@ class AblationOptions:
     """
 
     norm_preserve: bool = True  # keep every edited column's (row's) norm
-    projected: bool = False  # biprojection against the harmless means at m and k + 1
+    projected: bool = True  # biprojection against the harmless means at m and k + 1
     sparsity: float = 0.0  # fraction of the direction's smallest components zeroed
     targets: tuple[str, ...] = field(default=DEFAULT_TARGETS)  # roles edited, in ROLES order
 

@@ -65,7 +65,7 @@ def run_search(model_dir: Path, directions: Path, harmful: str, harmless: str, o
                confirm_top: int = 4, startup_trials: int = 20, batch_size: int = 32,
                dtype: str = "auto", device: str = "auto", threads: int = 2,
                options: AblationOptions = AblationOptions(), auto_fraction: float = 0.5,
-               measurement: str = "per-layer", scale: float = 3.0, system_prompt: str = "",
+               measurement: str = "per-layer", scale: float = 2.5, system_prompt: str = "",
                chat_template: str = "", journal_dir: str = ".dvc/tmp/search", max_prompt_tokens: int = 4096,
                report: Reporter = PLAIN) -> dict:
     """Run the study (or record that none ran) and write ``out`` and ``plot``; return the document.

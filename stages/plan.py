@@ -67,9 +67,9 @@ def main(
     measurement: Annotated[str, typer.Option(help="auto (best scored), a residual index 0..L, or per-layer "
                                              "(layer k removes the direction at index k+1).")] = "per-layer",
     scale: Annotated[float, typer.Option(help="1 removes, 0 keeps, above 1 pushes against it, negative adds it "
-                                        "back.")] = 3.0,
+                                        "back.")] = 2.5,
     norm_preserve: Annotated[str, typer.Option(help="true: keep every written column's norm.")] = "true",
-    projected: Annotated[str, typer.Option(help="true: biprojection against harmless means at m and k+1.")] = "false",
+    projected: Annotated[str, typer.Option(help="true: biprojection against harmless means at m and k+1.")] = "true",
     sparsity: Annotated[float, typer.Option(help="Fraction of the smallest direction components zeroed.")] = 0.0,
     targets: Annotated[str, typer.Option(help="Comma list of attention, mlp, experts, shared-experts, router, "
                                          "embeddings.")] = "attention",

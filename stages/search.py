@@ -77,7 +77,7 @@ def main(
                                                 "the default ablation's KL.")] = "auto",
     auto_fraction: Annotated[float, typer.Option(help="ablate.auto-fraction (of the default ablation).")] = 0.5,
     measurement: Annotated[str, typer.Option(help="ablate.measurement (of the default ablation).")] = "per-layer",
-    scale: Annotated[float, typer.Option(help="ablate.scale (of the default ablation).")] = 3.0,
+    scale: Annotated[float, typer.Option(help="ablate.scale (of the default ablation).")] = 2.5,
     validation: Annotated[int, typer.Option(help="Validation prompts per set (the last N of each file).")] = 32,
     proxy_tokens: Annotated[int, typer.Option(help="Greedy tokens per harmful prompt in each trial.")] = 8,
     confirm_prompts: Annotated[int, typer.Option(help="Harmful prompts (the last N of the file) that confirm the "
@@ -90,7 +90,7 @@ def main(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps.")] = "auto",
     threads: Annotated[int, typer.Option(help="CPU threads (fixed, so that CPU runs repeat exactly).")] = 2,
     norm_preserve: Annotated[str, typer.Option(help="ablate.norm-preserve (true/false).")] = "true",
-    projected: Annotated[str, typer.Option(help="ablate.projected (true/false).")] = "false",
+    projected: Annotated[str, typer.Option(help="ablate.projected (true/false).")] = "true",
     sparsity: Annotated[float, typer.Option(help="ablate.sparsity.")] = 0.0,
     targets: Annotated[str, typer.Option(help="ablate.targets (attention and MLP writers only).")] = "attention",
     system_prompt: Annotated[str, typer.Option(help="System prompt rendered before every prompt.")] = "",

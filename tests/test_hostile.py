@@ -118,7 +118,7 @@ def test_a_misspelt_key_is_named_with_the_nearest_known_one(hostile):
         assert result.returncode != 0
         errors = _stage_errors(result)
         assert len(errors) == 1 and "unknown key ablate.layrs (did you mean ablate.layers?)" in errors[0], errors
-        (root / "params.yaml").write_text(saved.replace("  scale: 3.0 ", "  scael: 3.0 "))
+        (root / "params.yaml").write_text(saved.replace("  scale: 2.5 ", "  scael: 3.0 "))
         result = dvc(root, env, "repro", "plan", check=False)  # search lists ablate.scale by name: DVC stops
         assert result.returncode != 0 and "Parameters 'ablate.scale' are missing" in result.stdout + result.stderr
         used = run([sys.executable, "-m", "stages.use", str(hostile["model"])], root, env, check=False)
@@ -195,9 +195,9 @@ def test_help_names_the_keys_that_params_fills():
 
 
 @pytest.mark.parametrize("old, new, message", [
-    ("  scale: 3.0 ", "  scale: .nan ", "ablate.scale is nan; it must be a finite number"),
-    ("  scale: 3.0 ", "  scale: 1.0e+6 ", "ablate.scale = 1e+06 is outside [-10, 10]"),
-    ("  scale: 3.0 ", "  scale: -.inf ", "ablate.scale is -inf; it must be a finite number"),
+    ("  scale: 2.5 ", "  scale: .nan ", "ablate.scale is nan; it must be a finite number"),
+    ("  scale: 2.5 ", "  scale: 1.0e+6 ", "ablate.scale = 1e+06 is outside [-10, 10]"),
+    ("  scale: 2.5 ", "  scale: -.inf ", "ablate.scale is -inf; it must be a finite number"),
     ("  sparsity: 0.0 ", "  sparsity: .nan ", "ablate.sparsity is nan; it must be a finite number"),
     ("  sparsity: 0.0 ", "  sparsity: zero ", "ablate.sparsity = 'zero' is not a number"),
     ("  layers: auto ", "  layrs: auto ", "unknown key ablate.layrs (did you mean ablate.layers?)"),

@@ -252,14 +252,14 @@ def test_deps_rule_finds_a_missing_and_a_stale_dependency():
 
 def test_defaults_rule_finds_an_option_that_disagrees_with_params_yaml():
     params = _load("params.yaml")
-    params["ablate"]["projected"] = True  # what the plan and search commands defaulted to
+    params["ablate"]["projected"] = False  # what the plan and search commands defaulted to before
     params["capture"]["batch-size"] = 7
     violations = default_violations(_load("dvc.yaml"), params)
     assert {v.split(":")[0] for v in violations if "--projected" in v} == {"plan", "search"}
     assert [v for v in violations if "--batch-size" in v and v.startswith("capture")]
     assert "capture: abliterate.model.capture:capture(batch_size=) defaults to 32, params.yaml capture.batch-size is 7" \
         in violations
-    assert options_violations(params) == ["AblationOptions.projected is False, params.yaml ablate.projected is True"]
+    assert options_violations(params) == ["AblationOptions.projected is True, params.yaml ablate.projected is False"]
 
 
 def test_command_and_params_rules_find_a_pasted_value_and_an_unlisted_key():

@@ -250,11 +250,11 @@ def test_per_layer_measurement_removes_each_layers_own_direction(llama, tmp_path
 
 
 def test_the_defaults_push_each_attention_writer_against_its_own_direction(llama, tmp_path):
-    """plan's defaults, params.yaml's: layers auto, attention writers only, per-layer directions, scale 3."""
+X
     from abliterate.planning import plan
 
     result = plan(llama / "base", llama / "model.yaml", llama / "directions.safetensors", llama / "layers.json",
                   tmp_path / "p")
     assert result.edits and {e.role for e in result.edits} == {"attention"}
-    assert all(e.measurement == e.layer + 1 and e.scale == 3.0 and not e.projected for e in result.edits)
+    assert all(e.measurement == e.layer + 1 and e.scale == 2.5 and e.projected for e in result.edits)
     assert result.settings["defaults"]["measurement"] == "per-layer"

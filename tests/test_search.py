@@ -405,7 +405,7 @@ def test_replayed_bottom_layers_give_the_same_numbers(llama):
 
 @pytest.mark.parametrize("settings", [
     {},  # one measured direction removed from every writer (scale 1)
-    {"measurement": "per-layer", "scale": 3.0, "targets": "attention"},  # the pipeline's defaults
+    {"measurement": "per-layer", "scale": 2.5, "targets": "attention"},  # the pipeline's defaults
 ], ids=["classic", "defaults"])
 def test_the_first_trial_is_the_default_ablation(llama, tmp_path, settings):
     """Trial 0 scores the model that plan writes on disk with layers auto and the same settings."""
@@ -416,7 +416,7 @@ def test_the_first_trial_is_the_default_ablation(llama, tmp_path, settings):
     roles = {"attention": ["attention"], "mlp": ["mlp", "experts", "shared-experts"]}
     if settings:
         roles = {"attention": ["attention"]}
-        assert all(e["measurement"] == e["layer"] + 1 and e["scale"] == 3.0 for e in written["layers"])
+        assert all(e["measurement"] == e["layer"] + 1 and e["scale"] == 2.5 for e in written["layers"])
     expected = sorted((e["layer"], e["measurement"], e["scale"], tuple(r)) for e in written["layers"]
                       for r in roles.values())
     assert sorted((e["layer"], e["measurement"], e["scale"], tuple(e["roles"])) for e in doc["start"]["layers"]) \
