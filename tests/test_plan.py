@@ -250,7 +250,8 @@ def test_per_layer_measurement_removes_each_layers_own_direction(llama, tmp_path
 
 
 def test_the_defaults_push_each_attention_writer_against_its_own_direction(llama, tmp_path):
-X
+    """plan's defaults, params.yaml's: layers auto, attention writers only, per-layer directions, scale 2.5,
+    biprojection."""
     from abliterate.planning import plan
 
     result = plan(llama / "base", llama / "model.yaml", llama / "directions.safetensors", llama / "layers.json",
