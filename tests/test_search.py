@@ -439,6 +439,54 @@ def _kl_of(root: Path, model: Path) -> float:
     return edited.kl()
 
 
+@pytest.mark.parametrize("family,fmt,overrides", [("llama", "fp8-block", {}), ("qwen3_moe", "fp8-block", {})],
+                         ids=["llama", "qwen3_moe"])
+def test_a_quantized_checkpoint_is_searched_as_ablate_writes_it(family, fmt, overrides, tmp_path):
+    """A trial on an FP8 checkpoint (loaded de-quantized; qwen3_moe's experts fused in memory) scores the
+    model plan + ablate write and transformers loads back: re-quantized with fresh scales, the same KL bit for
+    bit. (gpt-oss is left out: its trials and its planned model differ by about 1% of KL even unquantized.)"""
+    import quant_util as qu
+    from ablation_util import plan_edits
+
+    root = tmp_path / "root"
+    qu.quantize_model(tiny.make_model(family, tmp_path / "float", layers=4, **overrides), root / "base", fmt)
+    write_directions(root / "directions.safetensors", 4)
+    write_scores(root / "layers.json", 4, best=2)
+    write_model_yaml(root / "base", root / "model.yaml")
+    _prompts(root)
+    # one direction removed (scale 1) from every writer: the first trial is exactly this ablation (a scale
+    # outside the space's MLP range would be clamped there)
+    doc = _search(root, tmp_path / "s", trials=1, startup_trials=1, kl_budget=1e9)
+    shutil.copy(root / "directions.safetensors", tmp_path / "directions.safetensors")
+    out = plan_and_ablate(root / "base", tmp_path, best=2)
+    assert any(e.get("storage") for e, _ in plan_edits(tmp_path))
+    assert _kl_of(root, out) == doc["start"]["kl"] > 0
+
+
+def test_live_edits_of_mxfp4_experts_equal_the_ablated_folder(tmp_path):
+    """gpt-oss MXFP4: the live edit of the plan's edits leaves every parameter equal to the ablated folder's,
+    loaded; restoring gives the base back."""
+    import quant_util as qu
+    from abliterate.formats.plans import load_shard_plan
+    from abliterate.model.live_edit import LiveEditor
+    from abliterate.model.modelio import load_model, weight_map
+
+    base = qu.quantize_model(tiny.make_model("gpt_oss", tmp_path / "float", layers=2, intermediate_size=64),
+                             tmp_path / "base", "mxfp4")
+    out = plan_and_ablate(base, tmp_path, layers="0-1", measurement="1", targets="attention,experts")
+    edits = [e for path in sorted((tmp_path / "plan").glob("[0-9]*.json")) for e in load_shard_plan(path).edits]
+    assert any(e.storage for e in edits)
+    model = load_model(base, "float32", "cpu")
+    before = _state(model)
+    editor = LiveEditor(model, base, weight_map(base))
+    editor.apply(edits)
+    expected = _state(load_model(out, "float32", "cpu"))
+    assert all(torch.equal(v, expected[k]) for k, v in _state(model).items())
+    assert any(not torch.equal(v, before[k]) for k, v in _state(model).items())
+    editor.close()
+    assert all(torch.equal(v, before[k]) for k, v in _state(model).items())
+
+
 def test_auto_budget_is_the_default_ablations_kl(llama, tmp_path):
     doc = _search(llama, tmp_path, trials=8, startup_trials=4, kl_budget="auto")
     start, chosen = doc["start"], doc["chosen"]

@@ -15,6 +15,12 @@ the same shape) is that parameter. transformers 5 fuses per-expert MoE weights i
 parameter in memory (``experts.{e}.down_proj.weight`` on disk, ``experts.down_proj[e]`` loaded), so
 a per-expert tensor is mapped onto the slice of a parameter of the same layer that holds exactly
 its values; a tensor that maps nowhere stops the search with a one-line error.
+
+A target stored quantized (FP8, MXFP4, NVFP4; :mod:`abliterate.quant`) is loaded de-quantized into
+the parameter of its logical name (transformers does so on a CPU); a trial writes there what
+loading ablate's output gives: ablate's own rewrite of each piece (de-quantize, edit, quantize back
+with fresh scales and direction-aware rounding, :func:`abliterate.quant.rewrite.edit_piece`),
+de-quantized again, cast to the parameter's dtype.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ class LiveEditor:
         self.headers: dict[str, object] = {}
         self.fds: dict[str, int] = {}
         self.targets: dict[str, Target] = {}
+        self.quantized: dict[str, tuple] = {}  # stored-quantized target -> (its loaded view, a copy of its values)
         self.edited: set[str] = set()
 
     # --- mapping ----------------------------------------------------------------------------
@@ -74,14 +81,14 @@ class LiveEditor:
 
         file = self.names[name]
         info = self._header(file).tensors[name]
-        param, index = self._locate(name, info, file)
+        param, index = self._locate(name, tuple(info.shape), lambda: self._stored(info, file))
         view = param.data if index is None else param.data[index]
         buffer = np.empty(info.numel, dtype=FLOAT_DTYPES[info.dtype][0])
         self.targets[name] = Target(info, self.fds[file], param, index, view.detach().clone(), buffer)
         return self.targets[name]
 
-    def _locate(self, name: str, info, file: str):
-        shape = tuple(info.shape)
+    def _locate(self, name: str, shape: tuple[int, ...], stored):
+        """``(parameter, expert index or None)`` holding tensor ``name`` of ``shape``; ``stored()``: its values."""
         param = self.params.get(name)
         if param is not None and tuple(param.shape) == shape:
             return param, None
@@ -95,7 +102,7 @@ class LiveEditor:
                         or tuple(candidate.shape[1:]) != shape):
                     continue
                 if values is None:
-                    values = self._stored(info, file).to(candidate.dtype)
+                    values = stored().to(candidate.dtype)
                 if bool((candidate.data[e].cpu() == values).all()):
                     return candidate, e
         fail(f"tensor {name} of {self.model_dir} maps onto no parameter of the loaded model (transformers may store "
@@ -117,13 +124,13 @@ class LiveEditor:
         """Make the model equal the base model with exactly ``edits`` applied (``build_edits`` order)."""
         grouped: dict[str, list[Edit]] = {}
         for edit in edits:
-            if edit.storage is not None:
-                fail(f"tensor {edit.tensor} is stored quantized ({edit.storage['format']}); the search does not edit "
-                     "quantized checkpoints yet: set ablate.layers to auto or a layer list (plan and ablate edit them)")
             grouped.setdefault(edit.tensor, []).append(edit)
         for name in sorted(self.edited - set(grouped)):
             self._restore(name)
-        jobs = [(self.target(name), group) for name, group in grouped.items()]
+        quantized = {name: group for name, group in grouped.items() if group[0].storage is not None}
+        for name, group in sorted(quantized.items()):
+            self._apply_quantized(name, group)
+        jobs = [(self.target(name), group) for name, group in grouped.items() if name not in quantized]
         if self.threads > 1 and len(jobs) > 1:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -164,7 +171,42 @@ class LiveEditor:
             raw = torch.from_numpy(target.buffer)
         target.view().copy_(raw.reshape(info.shape))
 
+    def _apply_quantized(self, name: str, group: list[Edit]) -> None:
+        """Write into the de-quantized parameter ``name`` what loading ablate's rewrite of it gives."""
+        import numpy as np
+        import torch
+
+        from abliterate.quant import stored
+        from abliterate.quant.expand import main_name
+        from abliterate.quant.rewrite import edit_piece
+
+        record = group[0].storage
+        file = self.names[main_name(record)]
+        tensors = self._header(file).tensors
+        fd = self.fds[file]
+
+        def base_values():  # de-quantized as loading does: [E, in, out] for MXFP4 experts, else one piece
+            loaded = [stored.load(fd, record, tensors, piece)[0] for piece in stored.pieces(record, tensors)]
+            return torch.from_numpy(np.stack(loaded) if record["format"] == "mxfp4" else loaded[0])
+
+        if name not in self.quantized:
+            param, index = self._locate(name, tuple(group[0].shape), base_values)  # a fused expert: its slice
+            if not param.dtype.is_floating_point:
+                fail(f"tensor {name} is stored quantized ({record['format']}) and the loaded model keeps it quantized "
+                     "(a kernel on this device); run the search on a CPU, or without it (ablate.layers auto)")
+            view = param.data if index is None else param.data[index]
+            self.quantized[name] = (view, view.detach().clone())
+        pieces = [stored.dequantize(record, edit_piece(fd, record, tensors, piece, group))
+                  for piece in stored.pieces(record, tensors)]
+        values = np.stack(pieces) if record["format"] == "mxfp4" else pieces[0]
+        view = self.quantized[name][0]
+        view.copy_(torch.from_numpy(np.ascontiguousarray(values)).reshape(view.shape).to(view.dtype))
+
     def _restore(self, name: str) -> None:
+        if name in self.quantized:
+            view, original = self.quantized[name]
+            view.copy_(original)
+            return
         target = self.targets[name]
         target.view().copy_(target.original)
 
