@@ -15,6 +15,7 @@ path in transformers) are loaded from a float32 folder de-quantized by the forma
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -211,3 +212,6 @@ def test_the_bytes_do_not_depend_on_the_threads(family, fmt, overrides, tmp_path
             written.setdefault(plan.file, set()).add(target.read_bytes())
     assert all(len(versions) == 1 for versions in written.values())
     assert any((tmp_path / "1" / f).read_bytes() != (base / f).read_bytes() for f in written)
+    monkeypatch.delenv("ABLITERATE_THREADS")  # unset: bounded by the pieces' memory, a quarter of the shard
+    assert threads(100, piece=100, shard=399) == 1 and threads(1) == 1
+    assert threads(100, piece=100, shard=10**9) == min(8, os.cpu_count() or 1)

@@ -127,7 +127,9 @@ def rewrite_quantized(base: Path, out: Path, grouped: dict[str, list[Edit]]) -> 
     fd_in = os.open(base, os.O_RDONLY)
     try:
         fd_out = os.open(out, os.O_WRONLY)
-        pool = ThreadPoolExecutor(max_workers=threads(len(tasks)))
+        largest = max((piece_bytes(grouped[name][0].storage, tensors, grouped[name][0].layout) for name, _ in tasks),
+                      default=0)
+        pool = ThreadPoolExecutor(max_workers=threads(len(tasks), largest, os.fstat(fd_in).st_size))
         try:
             def one(name: str, piece: int) -> None:  # one tensor, or one expert, in memory per thread
                 record = grouped[name][0].storage
@@ -143,13 +145,36 @@ def rewrite_quantized(base: Path, out: Path, grouped: dict[str, list[Edit]]) -> 
         os.close(fd_in)
 
 
-def threads(tasks: int) -> int:
+def threads(tasks: int, piece: int = 0, shard: int = 0) -> int:
     """Pieces edited at once: one per CPU (numpy releases the GIL; the writes are small, so no core is kept
-    for a writer as for bf16 shards), at most 8, at most the pieces; ``ABLITERATE_THREADS`` sets it. Each
-    holds one piece in float32 (a block-scaled FP8 writer: its codes and one band)."""
+    for a writer as for bf16 shards), at most 8, at most the pieces, and so many that their working memory
+    (``piece`` bytes each, :func:`piece_bytes`) stays within a quarter of the ``shard``'s bytes (the peak then
+    stays below half the shard: on a 0.34 GB MXFP4 bench shard two experts at once reached 0.60 of it).
+    ``ABLITERATE_THREADS`` sets the count."""
     value = os.environ.get("ABLITERATE_THREADS", "")
-    count = int(value) if value.isdigit() and int(value) > 0 else min(8, os.cpu_count() or 1)
+    if value.isdigit() and int(value) > 0:
+        count = int(value)
+    else:
+        count = min(8, os.cpu_count() or 1)
+        if piece and shard:
+            count = min(count, max(1, shard // (4 * piece)))
     return max(1, min(count, tasks))
+
+
+def piece_bytes(record: dict, tensors: dict, layout: str) -> int:
+    """Working memory of one piece while it is edited: a block-scaled FP8 writer its codes and a few bands
+    (:mod:`abliterate.quant.banded`), any other piece about 12 bytes an element (float32 values, the
+    quantized copy, the steering's temporaries)."""
+    from abliterate.quant import banded
+
+    if record["format"] == "mxfp4":
+        _, rows, groups, _ = tensors[record["blocks"]].shape
+        return 12 * rows * groups * 32
+    weight = tensors[record["weight"]]
+    elements = weight.numel * (2 if record["format"] == "nvfp4" else 1)
+    if banded.applies(record, tensors, layout):
+        return elements + 6 * 4 * banded.BAND_ELEMENTS
+    return 12 * elements
 
 
 def keep_freed_heap(pad: int = 64 << 20) -> None:
