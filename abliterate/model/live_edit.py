@@ -191,7 +191,7 @@ class LiveEditor:
 
         if name not in self.quantized:
             param, index = self._locate(name, tuple(group[0].shape), base_values)  # a fused expert: its slice
-            if not param.dtype.is_floating_point:
+            if param.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):  # e.g. float8
                 fail(f"tensor {name} is stored quantized ({record['format']}) and the loaded model keeps it quantized "
                      "(a kernel on this device); run the search on a CPU, or without it (ablate.layers auto)")
             view = param.data if index is None else param.data[index]
