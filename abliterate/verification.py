@@ -161,12 +161,12 @@ def verify(base: Path, ablated: Path, plan_dir: Path | None = Path("artifacts/pl
     stored_as = covered(edits)  # quantized targets: their codes and scales, measured de-quantized
     # ablate.quantized-edits bfloat16: shards written with a new header, config and index changed with them
     changes = output_changes(base, {key: plan.doc for key, plan in plans.items()})
-    converted, expected_headers = {}, {}
+    converted, expected_headers, base_headers = {}, {}, {}
     for key, plan in sorted(plans.items()):
         records = converted_records(plan.doc)
         if records:
             file = settings["shards"][key]
-            header = read_header(Path(base) / file)
+            header = base_headers[file] = read_header(Path(base) / file)
             layout = new_layout(header, records)
             head = layout_header(layout, header.metadata)
             expected_headers[file] = (head, len(head) + sum(entry[3] for entry in layout))
@@ -198,7 +198,8 @@ def verify(base: Path, ablated: Path, plan_dir: Path | None = Path("artifacts/pl
     per_layer: dict = {}
     untouched, untouched_ok, recomputed = 0, 0, []
     for file in same:  # (a shard with another header was reported above: its tensors cannot be compared)
-        hb, ha = read_header(Path(base) / file), read_header(Path(ablated) / file)
+        hb = base_headers.get(file) or read_header(Path(base) / file)
+        ha = read_header(Path(ablated) / file)
         records = {name: (record, shape) for name, record, shape in converted.get(file, [])}
         as_bf16 = {n: name for name, (record, _) in records.items() for n in stored_names(record)}
         fd_b, fd_a = os.open(Path(base) / file, os.O_RDONLY), os.open(Path(ablated) / file, os.O_RDONLY)

@@ -239,21 +239,23 @@ def write_at(fd: int, data, offset: int) -> None:
         done += os.pwrite(fd, view[done:], offset + done)
 
 
-def copy_range(src: int, dst: int, offset: int, count: int) -> None:
-    """Copy ``count`` bytes at ``offset`` from ``src`` to the same offset of ``dst`` (in-kernel)."""
+def copy_range(src: int, dst: int, offset: int, count: int, dst_offset: int | None = None) -> None:
+    """Copy ``count`` bytes at ``offset`` of ``src`` to ``dst_offset`` of ``dst`` (default: the same
+    offset), in the kernel where it can."""
+    to = offset if dst_offset is None else dst_offset
     done = 0
     while done < count:
         n = 0
         if hasattr(os, "copy_file_range"):
             try:
-                n = os.copy_file_range(src, dst, min(count - done, 1 << 30), offset + done, offset + done)
+                n = os.copy_file_range(src, dst, min(count - done, 1 << 30), offset + done, to + done)
             except OSError:
                 n = 0
         if n <= 0:  # no kernel copy here (other OS, file system, or EOF race): plain read/write
             block = os.pread(src, min(count - done, COPY_BLOCK), offset + done)
             if not block:
                 fail("unexpected end of file while copying a shard; the input shard is truncated")
-            write_at(dst, block, offset + done)
+            write_at(dst, block, to + done)
             n = len(block)
         done += n
 

@@ -229,7 +229,7 @@ def write_shard(base: Path, out: Path, grouped: dict[str, list[Edit]], expand: l
 
                     producers[name](fd_in, source, write)
                 else:
-                    _copy_to(fd_in, fd_out, source.begin, at, nbytes, copy_range)
+                    copy_range(fd_in, fd_out, source.begin, nbytes, at)
                 at += nbytes
                 if progress is not None:
                     progress(nbytes)
@@ -237,22 +237,6 @@ def write_shard(base: Path, out: Path, grouped: dict[str, list[Edit]], expand: l
             os.close(fd_out)
     finally:
         os.close(fd_in)
-
-
-def _copy_to(src: int, dst: int, src_at: int, dst_at: int, count: int, copy_range) -> None:
-    """Copy ``count`` bytes from ``src_at`` to ``dst_at`` (another offset: a kernel copy when the offsets agree)."""
-    from abliterate.formats.safetensors_io import COPY_BLOCK, write_at
-
-    if src_at == dst_at:
-        copy_range(src, dst, src_at, count)
-        return
-    done = 0
-    while done < count:
-        block = os.pread(src, min(count - done, COPY_BLOCK), src_at + done)
-        if not block:
-            fail("unexpected end of file while copying a shard; the input shard is truncated")
-        write_at(dst, block, dst_at + done)
-        done += len(block)
 
 
 # --- the folder: config and index --------------------------------------------------------------------
