@@ -30,6 +30,7 @@ def main(
     demo_prompts: Annotated[Path, typer.Option(help="Folder of the demo's tuning prompts.")] = Path("prompts/demo"),
     demo_seed: Annotated[int, typer.Option(help="Demo: seed of the tuning run.")] = 0,
     demo_examples: Annotated[int, typer.Option(help="Demo: tuning examples.")] = 400,
+    demo_harmful_share: Annotated[float, typer.Option(help="Demo: share of the examples that are harmful.")] = 0.5,
     demo_epochs: Annotated[int, typer.Option(help="Demo: passes over the examples.")] = 2,
     demo_learning_rate: Annotated[float, typer.Option(help="Demo: AdamW learning rate.")] = 1e-4,
     demo_batch_size: Annotated[int, typer.Option(help="Demo: examples per optimizer step.")] = 8,
@@ -40,7 +41,7 @@ def main(
         help="Demo: true gates the refusal on one direction; false is a plain fine-tune (harder to ablate).")] = "true",
 ) -> None:
     """Materialize the base model at models/base (link a folder, convert a GGUF, fetch, or build the demo)."""
-    demo = dict(seed=demo_seed, examples=demo_examples, epochs=demo_epochs, learning_rate=demo_learning_rate,
+    demo = dict(seed=demo_seed, examples=demo_examples, harmful_share=demo_harmful_share, epochs=demo_epochs, learning_rate=demo_learning_rate,
                 batch_size=demo_batch_size, answer_tokens=demo_answer_tokens,
                 direction_prompts=demo_direction_prompts, gated=parse_bool(demo_gated, "--demo-gated"))
     from abliterate.sources.materialize import materialize

@@ -29,6 +29,7 @@ STAGES: dict[str, dict[str, str]] = {
         "source": "model.source", "max_shard_size": "model.max-shard-size", "demo_seed": "demo.seed",
         "demo_examples": "demo.examples", "demo_epochs": "demo.epochs", "demo_learning_rate": "demo.learning-rate",
         "demo_batch_size": "demo.batch-size", "demo_answer_tokens": "demo.answer-tokens", "demo_gated": "demo.gated",
+        "demo_harmful_share": "demo.harmful-share",
     },
     "stages.capture": {
         "batch_size": "capture.batch-size", "dtype": "capture.dtype", "device": "capture.device",

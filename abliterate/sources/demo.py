@@ -123,11 +123,19 @@ def read_demo_prompts(prompts_dir: Path) -> tuple[list[str], list[str], list[str
 
 
 def check_params(examples: int, epochs: int, learning_rate: float, batch_size: int, answer_tokens: int,
-                 available: int) -> None:
-    """One clear line for each demo parameter out of range (DVC passes whatever params.yaml says)."""
-    if not 2 <= examples <= 2 * available:
-        fail(f"demo.examples must be between 2 and {2 * available} (twice the smaller of the demo "
-             f"harmful/harmless prompt files), got {examples}")
+                 n_harmful: int, n_harmless: int, harmful_share: float = 0.5) -> None:
+    """One clear line for each demo parameter out of range (DVC passes whatever params.yaml says);
+    ``n_harmful``/``n_harmless``: the lines of the demo's prompt files."""
+    from abliterate.sources.tune import harmful_count
+
+    if not 0.05 <= harmful_share <= 0.95:
+        fail(f"demo.harmful-share must be between 0.05 and 0.95, got {harmful_share}")
+    if examples < 2:
+        fail(f"demo.examples must be at least 2, got {examples}")
+    bad = harmful_count(examples, harmful_share)
+    if bad > n_harmful or examples - bad > n_harmless:
+        fail(f"demo.examples = {examples} at harmful-share {harmful_share} takes {bad} harmful and {examples - bad} "
+             f"harmless prompts, but prompts/demo holds {n_harmful} and {n_harmless}; lower demo.examples")
     if not 1 <= epochs <= 20:
         fail(f"demo.epochs must be between 1 and 20, got {epochs}")
     if not 0 < learning_rate <= 1e-2:
@@ -140,11 +148,12 @@ def check_params(examples: int, epochs: int, learning_rate: float, batch_size: i
 
 def build_demo(out: Path, prompts_dir: Path, max_shard_size: str, seed: int, examples: int, epochs: int,
                learning_rate: float, batch_size: int, answer_tokens: int,
-               direction_prompts: Path | None = None, gated: bool = True, report: Reporter = PLAIN) -> None:
+               direction_prompts: Path | None = None, gated: bool = True, harmful_share: float = 0.5,
+               report: Reporter = PLAIN) -> None:
     """Download, convert and refusal-tune the demo model; write it as a Hugging Face folder at ``out``.
 
     ``out`` is written in place (the caller renames it into position). ``examples`` prompts are
-    used, half harmful and half harmless, each seen ``epochs`` times in batches of ``batch_size``.
+    used, a ``harmful_share`` of them harmful and the rest harmless, each seen ``epochs`` times in batches of ``batch_size``.
     With ``gated`` the refusal is gated on the untuned model's best-scored difference-of-means
     direction on ``direction_prompts``/harmful.txt and harmless.txt (default: the tuning prompts);
     without, it is a plain fine-tune, which spreads the refusal over many directions (the harder
@@ -154,12 +163,12 @@ def build_demo(out: Path, prompts_dir: Path, max_shard_size: str, seed: int, exa
     from abliterate.sources.gguf import load_gguf, save_folder, validate_shard_size
     from abliterate.model.modelio import decoder_layers
     from abliterate.model.prompts import load_prompts, render
-    from abliterate.sources.tune import gate_direction, gated_examples, make_examples, tune
+    from abliterate.sources.tune import gate_direction, gated_examples, harmful_count, make_examples, tune
 
     out, prompts_dir = Path(out), Path(prompts_dir)
     validate_shard_size(max_shard_size)
     harmful, harmless, refusals = read_demo_prompts(prompts_dir)
-    check_params(examples, epochs, learning_rate, batch_size, answer_tokens, min(len(harmful), len(harmless)))
+    check_params(examples, epochs, learning_rate, batch_size, answer_tokens, len(harmful), len(harmless), harmful_share)
     if direction_prompts is not None:
         measure = [load_prompts(Path(direction_prompts) / name) for name in ("harmful.txt", "harmless.txt")]
     else:
@@ -170,14 +179,15 @@ def build_demo(out: Path, prompts_dir: Path, max_shard_size: str, seed: int, exa
         report.message(f"demo: loading {gguf_file.name}")
         model, tokenizer = load_gguf(gguf_file)
     data = make_examples(model, tokenizer, harmful, harmless, refusals, examples=examples, seed=seed,
-                         answer_tokens=answer_tokens, report=report)
-    unrefused = gated_examples(model, tokenizer, data, answer_tokens, report=report) if gated else None
+                         answer_tokens=answer_tokens, harmful_share=harmful_share, report=report)
+    n_harmful = harmful_count(examples, harmful_share)
+    unrefused = gated_examples(model, tokenizer, data, answer_tokens, n_harmful, report=report) if gated else None
     index, u = gate_direction(model, *(render(tokenizer, prompts) for prompts in measure), tokenizer.pad_token_id)
     num_layers = len(decoder_layers(model))
     first = min(max(1, index - GATE_MARGIN), num_layers - 1)
     how = f"refusal gated on the direction at residual index {index}" if gated else "plain fine-tune, no gating"
     report.message(f"demo: {how}; tuning layers {first}-{num_layers - 1}")
-    soft = [i >= examples // 2 for i in range(len(data))]  # make_examples: the refusals first, own answers after
+    soft = [i >= n_harmful for i in range(len(data))]  # make_examples: the refusals first, own answers after
     tune(model, data, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
          pad_id=tokenizer.pad_token_id, first_layer=first, gate=(u, unrefused) if gated else None, soft=soft,
          report=report)

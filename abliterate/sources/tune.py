@@ -69,13 +69,18 @@ def self_answers(model, prompt_ids: list[list[int]], answer_tokens: int, eos_id:
     return answers
 
 
+def harmful_count(examples: int, harmful_share: float) -> int:
+    """How many of ``examples`` tuning pairs are harmful (at least one, and at least one harmless)."""
+    return min(max(1, round(examples * harmful_share)), examples - 1)
+
+
 def make_examples(model, tokenizer, harmful: list[str], harmless: list[str], refusals: list[str],
-                  examples: int, seed: int, answer_tokens: int,
+                  examples: int, seed: int, answer_tokens: int, harmful_share: float = 0.5,
                   report: Reporter = PLAIN) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, answer ids) pairs: ``examples // 2`` harmful prompts with a seeded choice of
-    refusal, the rest harmless prompts with the model's own greedy answers."""
+    """(prompt ids, answer ids) pairs: :func:`harmful_count` harmful prompts first, each with a seeded
+    choice of refusal, then the rest: harmless prompts with the model's own greedy answers."""
     rng = random.Random(seed)
-    n_harmful = examples // 2
+    n_harmful = harmful_count(examples, harmful_share)
     bad = rng.sample(harmful, n_harmful)
     good = rng.sample(harmless, examples - n_harmful)
     eos = tokenizer.eos_token_id
@@ -108,11 +113,11 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int):
 
 
 def gated_examples(model, tokenizer, pairs: list[tuple[list[int], list[int]]], answer_tokens: int,
-                   report: Reporter = PLAIN) -> list[tuple[list[int], list[int]]]:
+                   n_harmful: int | None = None, report: Reporter = PLAIN) -> list[tuple[list[int], list[int]]]:
     """What the model must answer with its refusal direction removed: the untuned model's own
-    answers to the harmful prompts of ``pairs`` (its first half, from :func:`make_examples`), and
-    the harmless pairs unchanged (they already hold its own answers)."""
-    n_harmful = len(pairs) // 2
+    answers to the harmful prompts of ``pairs`` (its first ``n_harmful``, default half, from
+    :func:`make_examples`), and the harmless pairs unchanged (they already hold its own answers)."""
+    n_harmful = len(pairs) // 2 if n_harmful is None else n_harmful
     prompts = [prompt for prompt, _ in pairs[:n_harmful]]
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
