@@ -10,8 +10,9 @@ the eval sets): refusals of short greedy answers (``proxy_tokens``) and the mean
 against the base model. Trials whose KL exceeds the KL budget are infeasible for the sampler and
 are not answered. At the end the ``confirm_top`` best trials within the budget are confirmed with
 real answers (``confirm_tokens``) to more harmful prompts (``confirm_prompts``, the last ones of
-the file, the validation ones among them); the chosen trial has the fewest confirmed refusals
-(then the lowest KL). The first trial is the default ablation (what ``plan`` does with ``layers:
+the file, the validation ones among them), and to the last ``validation`` borderline prompts (edgy
+but harmless; ``borderline``, optional): the chosen trial has the fewest confirmed refusals, then
+refuses the fewest borderline prompts, then has the lowest KL. The first trial is the default ablation (what ``plan`` does with ``layers:
 auto`` and the pipeline's measurement and scale, read from the layer scores); ``kl_budget``
 ``auto`` makes its KL the budget, so the chosen trial refuses least among the trials that do no more damage than the
 default, and is the default itself if none beats it.
@@ -60,7 +61,7 @@ def _check(trials: int, validation: int, proxy_tokens: int, confirm_prompts: int
 
 
 def run_search(model_dir: Path, directions: Path, harmful: str, harmless: str, out: Path, plot: Path, *,
-               scores: Path | None = None, trials: int = 0, seed: int = 0, kl_budget: float | str = "auto",
+               borderline: str | None = None, scores: Path | None = None, trials: int = 0, seed: int = 0, kl_budget: float | str = "auto",
                validation: int = 32, proxy_tokens: int = 8, confirm_prompts: int = 96, confirm_tokens: int = 12,
                confirm_top: int = 4, startup_trials: int = 20, batch_size: int = 32,
                dtype: str = "auto", device: str = "auto", threads: int = 2,
@@ -97,7 +98,7 @@ def run_search(model_dir: Path, directions: Path, harmful: str, harmless: str, o
              "drop it from ablate.targets or leave search.trials at 0")
     from abliterate.model.study import Study
 
-    study = Study(model_dir, directions, harmful, harmless, seed=seed, kl_budget=budget,
+    study = Study(model_dir, directions, harmful, harmless, seed=seed, kl_budget=budget, borderline=borderline,
                   default={"scores": scores, "auto_fraction": auto_fraction, "measurement": measurement,
                            "scale": scale}, validation=validation,
                   confirm_prompts=confirm_prompts, proxy_tokens=proxy_tokens, startup_trials=startup_trials,

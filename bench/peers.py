@@ -96,7 +96,7 @@ def run_ours(p: dict, work: Path, trials: int, log: Path) -> float:
         search += [f"--{key}", str(s[key])]
     seconds += timed(["stages.search", "--model", "models/base", "--directions", str(work / "directions.safetensors"),
                       "--harmful", "prompts/harmful.txt", "--harmless", "prompts/harmless.txt",
-                      "--out", str(work / "search.json"), "--plot", str(work / "search.csv"),
+                      "--borderline", "prompts/borderline.txt", "--out", str(work / "search.json"), "--plot", str(work / "search.csv"),
                       "--scores", str(work / "layers.json"), "--trials", str(trials), *search, *options, *shared,
                       "--journal-dir", str(work / "journal")], log)
     return seconds

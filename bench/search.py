@@ -37,18 +37,34 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def settings() -> dict:
+    """The pipeline's ablation options, default ablation and system prompt, from ``params.yaml``
+    (what ``dvc repro search`` passes the stage)."""
+    import yaml
+
+    from abliterate.records import AblationOptions
+    from abliterate.targets import parse_targets
+
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    a = p["ablate"]
+    options = AblationOptions(norm_preserve=bool(a["norm-preserve"]), projected=bool(a["projected"]),
+                              sparsity=float(a["sparsity"]), targets=parse_targets(a["targets"]))
+    return {"options": options, "auto_fraction": float(a["auto-fraction"]), "measurement": str(a["measurement"]),
+            "scale": float(a["scale"]), "system_prompt": p["capture"]["system-prompt"]}
+
+
 def make_study(args, journal_dir: str = ""):
     from abliterate.model.study import Study
 
+    s = settings()
     return Study(args.model, args.directions, str(ROOT / "prompts" / "harmful.txt"),
                  str(ROOT / "prompts" / "harmless.txt"), seed=args.seed,
                  kl_budget=None if args.kl_budget == "auto" else float(args.kl_budget),
-                 default={"scores": args.scores, "auto_fraction": 0.5},
+                 default={"scores": args.scores, "auto_fraction": s["auto_fraction"], "measurement": s["measurement"],
+                          "scale": s["scale"]},
                  validation=args.validation, confirm_prompts=args.validation, proxy_tokens=args.proxy_tokens,
                  startup_trials=20, batch_size=args.batch_size, dtype="float32", device=args.device, threads=args.threads,
-                 options={"norm_preserve": True, "projected": False,
-                          "targets": ["attention", "mlp", "experts", "shared-experts"]},
-                 sparsity=0.0, system_prompt="", chat_template="", journal_dir=journal_dir)
+                 options=s["options"], system_prompt=s["system_prompt"], chat_template="", journal_dir=journal_dir)
 
 
 def random_points(study, count: int, seed: int) -> list[dict]:
@@ -64,13 +80,16 @@ def random_points(study, count: int, seed: int) -> list[dict]:
 def speed(args) -> None:
     from abliterate.search import run_search
 
+    s = settings()
     with tempfile.TemporaryDirectory() as tmp:
         load = os.getloadavg()
         start, cpu = time.perf_counter(), cpu_seconds()
         doc = run_search(args.model, args.directions, str(ROOT / "prompts" / "harmful.txt"),
                          str(ROOT / "prompts" / "harmless.txt"), Path(tmp) / "search.json", Path(tmp) / "search.csv",
+                         borderline=str(ROOT / "prompts" / "borderline.txt"),
                          scores=args.scores, trials=args.trials, seed=args.seed, kl_budget=args.kl_budget,
-                         validation=args.validation, projected=False,
+                         validation=args.validation, options=s["options"], auto_fraction=s["auto_fraction"],
+                         measurement=s["measurement"], scale=s["scale"], system_prompt=s["system_prompt"],
                          proxy_tokens=args.proxy_tokens, confirm_tokens=args.confirm_tokens, batch_size=args.batch_size,
                          device=args.device, threads=args.threads, journal_dir="")
         wall, used = time.perf_counter() - start, cpu_seconds() - cpu
@@ -91,7 +110,7 @@ def speed(args) -> None:
     print(f"search: {doc['trials_run']} trials in {wall:.0f} s wall ({wall / max(doc['trials_run'], 1):.2f} s/trial, "
           f"cpu {used:.0f} s, threads {args.threads}, load average at start {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}, "
           f"{os.cpu_count()} cpus)")
-    print(f"search: chose trial {chosen.get('trial')}: refusals {chosen.get('refusals')}/{args.validation} "
+    print(f"search: chose trial {chosen.get('trial')}: refusals {chosen.get('refusals')}/{doc['validation']['confirm']['count']} "
           f"(base {doc['base']['refusals']}), KL {chosen.get('kl')}")
     print(f"trial cost: ours {ours:.2f} s, heretic-style (100 tokens) {theirs:.2f} s, ratio {theirs / ours:.1f}x")
     print(f"target: 100 trials in 600 s -> {'met' if wall * 100 / max(doc['trials_run'], 1) < 600 else 'missed'} "

@@ -26,16 +26,18 @@ def _report(doc: dict, seconds: float, out: Path) -> None:
     n, c = doc["validation"]["harmful"]["count"], doc["validation"]["confirm"]["count"]
     table = Table(title=f"search: Pareto front ({n} validation prompts per set; confirmed on {c} harmful)",
                   title_justify="left")
-    for column in ("trial", "refusals (proxy)", "refusals (confirmed)", "first-token KL", "directions"):
+    b = doc["validation"].get("borderline", {}).get("count")
+    for column in ("trial", "refusals (proxy)", "refusals (confirmed)", "over-refusals", "first-token KL", "directions"):
         table.add_column(column, justify="right")
     for t in sorted((t for t in doc["trials"] if t["pareto"]), key=lambda t: t["kl"]):
         mark = " *" if doc["chosen"] and doc["chosen"]["trial"] == t["trial"] else ""
         table.add_row(f"{t['trial']}{mark}", f"{t['refusals_proxy']}/{n}",
-                      "" if t["refusals"] is None else f"{t['refusals']}/{c}", f"{t['kl']:.4f}",
+                      "" if t["refusals"] is None else f"{t['refusals']}/{c}", _over(t, b), f"{t['kl']:.4f}",
                       _directions(t["params"]))
     console().print(table)
     base = doc["base"]
-    log(f"search: base model refuses {base['refusals']}/{c} (proxy {base['refusals_proxy']}/{n})")
+    over = f", borderline {_over(base, b)}" if b else ""
+    log(f"search: base model refuses {base['refusals']}/{c} (proxy {base['refusals_proxy']}/{n}){over}")
     budget = doc["settings"]["kl_budget"]
     start, chosen = doc["start"], doc["chosen"]
     if start is not None:
@@ -58,6 +60,11 @@ def _directions(params: dict) -> str:
     return " / ".join(f"{c} {where(c)}" for c in ("attention", "mlp"))
 
 
+def _over(trial: dict, count: int | None) -> str:
+    """Borderline validation prompts refused (confirmed trials, with a borderline set)."""
+    return "" if trial.get("over_refusals") is None else f"{trial['over_refusals']}/{count}"
+
+
 def _refusals(trial: dict, n: int, c: int) -> str:
     return f"{trial['refusals']}/{c}" if trial["refusals"] is not None else f"{trial['refusals_proxy']}/{n} (proxy)"
 
@@ -71,6 +78,8 @@ def main(
     out: Annotated[Path, typer.Option(help="Output search.json.")],
     plot: Annotated[Path, typer.Option(help="Output CSV, one row per trial (trial, refusals, kl, pareto).")],
     trials: Annotated[int, typer.Option(help="Trials to run (0: no search, nothing is loaded).")] = 0,
+    borderline: Annotated[str, typer.Option(help="Borderline prompts (edgy but harmless); the last --validation judge "
+                                                 "the confirmed trials' over-refusal ('' = none).")] = "",
     seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
     scores: Annotated[Optional[Path], typer.Option(help="metrics/layers.json of score (the default ablation).")] = None,
     kl_budget: Annotated[str, typer.Option(help="Chosen trial: fewest refusals with first-token KL <= this; auto = "
@@ -111,7 +120,8 @@ def main(
                               projected=parse_bool(projected, "--projected"), sparsity=sparsity,
                               targets=parse_targets(targets))
     start = time.perf_counter()
-    doc = run_search(model, directions, harmful, harmless, out, plot, scores=scores, trials=trials, seed=seed,
+    doc = run_search(model, directions, harmful, harmless, out, plot, borderline=borderline or None, scores=scores,
+                     trials=trials, seed=seed,
                      kl_budget=kl_budget, auto_fraction=auto_fraction, measurement=measurement, scale=scale,
                      validation=validation,
                      proxy_tokens=proxy_tokens, confirm_prompts=confirm_prompts, confirm_tokens=confirm_tokens,

@@ -58,11 +58,14 @@ def test_experiment_searches_and_plans_the_chosen_trial(project):
     assert not ran & {"base", "capture@harmful", "capture@harmless", "reduce", "score", "baseline"}
     doc = json.loads((root / "artifacts" / "search.json").read_text())
     assert doc["status"] == "done" and doc["trials_run"] == 4 and doc["chosen"] is not None
+    # the confirmed trials were judged on the end of prompts/borderline.txt too (over-refusal)
+    assert doc["validation"]["borderline"]["file"] == "prompts/borderline.txt"
+    assert doc["base"]["over_refusals"] is not None and doc["chosen"]["over_refusals"] is not None
     settings = json.loads((root / "artifacts" / "plan" / "_settings.json").read_text())
     assert settings["search"]["trial"] == doc["chosen"]["trial"]
     assert settings["layers"] == doc["chosen"]["layers"]
     rows = (root / "plots" / "search.csv").read_text().splitlines()
-    assert rows[0] == "trial,refusals,kl,pareto,confirmed" and len(rows) == 5
+    assert rows[0] == "trial,refusals,kl,pareto,confirmed,over_refusals" and len(rows) == 5
     metrics = json.loads((root / "metrics" / "eval.json").read_text())
     assert {"heretic_refusals", "heretic_kl_first_token"} <= set(metrics)
 

@@ -5,8 +5,10 @@
 search`` turns into edits), ``pareto``, ``inputs`` (directions hash, model, layer count), ``options``
 (the ablation options it was searched with), ``start`` (the default ablation's trial), ``settings``,
 ``validation``, ``space``, ``base`` and every trial (those of the Pareto front with their per-layer
-settings, so that ``ablate.layers: search:N`` can write any of them). ``search.csv``: one row per trial (trial,
-proxy refusals, first-token KL, on the Pareto front, confirmed refusals).
+settings, so that ``ablate.layers: search:N`` can write any of them). Confirmed trials and the base
+carry ``over_refusals``: borderline validation prompts refused (null without a borderline set).
+``search.csv``: one row per trial (trial, proxy refusals, first-token KL, on the Pareto front,
+confirmed refusals, confirmed over-refusals).
 """
 
 from __future__ import annotations
@@ -23,13 +25,17 @@ HOW = "set search.trials, e.g. `dvc exp run -S search.trials=100 -S ablate.layer
 
 def write_search(doc: dict, out: str | Path, plot: str | Path) -> None:
     """``search.json`` and the per-trial CSV, both atomically."""
-    lines = ["trial,refusals,kl,pareto,confirmed"]
+    lines = ["trial,refusals,kl,pareto,confirmed,over_refusals"]
     for t in doc.get("trials", []):
-        proxy = "" if t["refusals_proxy"] is None else str(t["refusals_proxy"])  # not answered: KL far too high
-        confirmed = "" if t["refusals"] is None else str(t["refusals"])
-        lines.append(f"{t['trial']},{proxy},{t['kl']!r},{int(t['pareto'])},{confirmed}")
+        proxy = _cell(t["refusals_proxy"])  # empty: not answered (KL far too high)
+        lines.append(f"{t['trial']},{proxy},{t['kl']!r},{int(t['pareto'])},{_cell(t['refusals'])},"
+                     f"{_cell(t.get('over_refusals'))}")
     write_text(plot, "\n".join(lines) + "\n")
     write_json(out, doc)
+
+
+def _cell(count: int | None) -> str:
+    return "" if count is None else str(count)
 
 
 def skipped(reason: str) -> dict:

@@ -30,6 +30,7 @@ from abliterate.progress import PLAIN, Reporter
 
 class Study:
     def __init__(self, model_dir: Path, directions: Path, harmful: str, harmless: str, *, seed: int,
+                 borderline: str | None = None,
                  kl_budget: float | None, default: dict, validation: int, confirm_prompts: int,
                  proxy_tokens: int, startup_trials: int, batch_size: int, dtype: str, device: str, threads: int,
                  options: AblationOptions, system_prompt: str, chat_template: str, journal_dir: str,
@@ -72,7 +73,7 @@ class Study:
         self.roles = component_roles(options.targets)
         self.layers_with = {c: {m.layer for m in matches if m.layer is not None and m.rule.role in roles}
                             for c, roles in self.roles.items()}
-        self.sets = split_validation(harmful, harmless, validation, confirm_prompts)
+        self.sets = split_validation(harmful, harmless, validation, confirm_prompts, borderline)
         tokenizer = load_tokenizer(model_dir)
         template = resolve_template(tokenizer, chat_template)
         # every prompt within the context and capture.max-prompt-tokens, before the model is loaded
@@ -81,6 +82,8 @@ class Study:
         harmless_ids = render_checked(tokenizer, self.sets.harmless, str(harmless), limit, system_prompt,
                                       chat_template)
         confirm_ids = render_checked(tokenizer, self.sets.confirm, str(harmful), limit, system_prompt, chat_template)
+        borderline_ids = render_checked(tokenizer, self.sets.borderline, str(borderline), limit, system_prompt,
+                                        chat_template) if self.sets.borderline else []
         device = pick_device(device)
         from abliterate.model.streaming import resolve_dtype
 
@@ -88,10 +91,12 @@ class Study:
         _check_fits(Path(model_dir), dtype, device)
         model = load_model(model_dir, dtype, device)
         self.scorer = Scorer(model, tokenizer, harmful_ids, harmless_ids, batch_size=batch_size, device=device,
-                             confirm_ids=confirm_ids)
+                             confirm_ids=confirm_ids, borderline_ids=borderline_ids)
         base_hash = self.scorer.remember_base()
         self.base_proxy = sum(self.scorer.refusals(proxy_tokens))
         self.base_confirmed: int | None = None
+        self.base_over: int | None = None  # borderline validation prompts the base model refuses
+        self.over: dict[int, int] = {}  # trial -> borderline validation prompts it refuses (confirmed trials)
         self.directions_sha = sha256_file(directions)
         inputs = {"space": VERSION, "directions": self.directions_sha, "config": self.config, "base": base_hash,
                   "harmful": harmful_ids, "harmless": harmless_ids, "template": template_hash(template),
@@ -221,12 +226,14 @@ class Study:
             f"best: {best[0]}/{n} refusals (proxy), KL {best[1]:.4f} (trial {best[2]})"
 
     def confirm(self, tokens: int, top: int, interrupted: bool) -> tuple[dict[int, int], bool]:
-        """Real answers for the base model and the ``top`` best trials within the budget."""
+        """Real answers for the base model and the ``top`` best trials within the budget (harmful
+        confirmation prompts; borderline validation prompts too, when there are any)."""
         confirmed: dict[int, int] = {}
         try:
             self.editor.restore()
             self.scorer.unchanged = self.num_layers
             self.base_confirmed = sum(self.scorer.refusals(tokens, stop_early=True, confirm=True))
+            self.base_over = self._over_refusals(tokens)
             done = self.completed()
             inside = [t for t in done if t.values[1] <= self.budget(done)]
             ranked = sorted(inside, key=lambda t: (t.values[0], t.values[1], t.number))[:top]
@@ -236,11 +243,19 @@ class Study:
                 ranked.append(start)  # the default ablation, confirmed for comparison
             for t in ranked:
                 self.apply(t.params)
-                confirmed[t.number] = sum(self.scorer.refusals(tokens, stop_early=True, confirm=True))
+                refused = sum(self.scorer.refusals(tokens, stop_early=True, confirm=True))
+                over = self._over_refusals(tokens)
+                confirmed[t.number] = refused  # both or neither, should Ctrl-C come in between
+                if over is not None:
+                    self.over[t.number] = over
         except KeyboardInterrupt:
             self.log.message("search: confirmation interrupted; unconfirmed trials are ranked by the proxy")
             interrupted = True
         return confirmed, interrupted
+
+    def _over_refusals(self, tokens: int) -> int | None:
+        """Borderline validation prompts the model as it is now refuses (None: no borderline set)."""
+        return sum(self.scorer.over_refusals(tokens)) if self.scorer.borderline_ids else None
 
     # --- result --------------------------------------------------------------------------------
 
@@ -254,10 +269,13 @@ class Study:
         budget = self.budget(done)
         inside = [t for t in done if t.values[1] <= budget]
         ranked = [t for t in inside if t.number in confirmed] or inside
-        pick = min(ranked, key=lambda t: (confirmed.get(t.number, t.values[0]), t.values[1], t.number), default=None)
+        # fewest refusals; then fewest borderline prompts refused (over-refusal), then the lowest KL
+        pick = min(ranked, key=lambda t: (confirmed.get(t.number, t.values[0]), self.over.get(t.number, 0),
+                                          t.values[1], t.number), default=None)
         chosen = None
         if pick is not None:
             chosen = {"trial": pick.number, "refusals": confirmed.get(pick.number),
+                      "over_refusals": self.over.get(pick.number),
                       "refusals_proxy": int(pick.values[0]), "kl": float(pick.values[1]),
                       "params": dict(sorted(pick.params.items())), "measurement": float(pick.params["measurement"]),
                       "layers": [e.to_json() for e in self.layer_edits(pick.params)]}
@@ -275,10 +293,12 @@ class Study:
                          "confirm_tokens": confirm_tokens, "confirm_top": confirm_top,
                          "confirm_prompts": len(self.sets.confirm)},
             "validation": self.sets.info, "space": {k: list(v) for k, v in ranges(self.num_layers).items()},
-            "base": {"refusals": self.base_confirmed, "refusals_proxy": self.base_proxy},
+            "base": {"refusals": self.base_confirmed, "refusals_proxy": self.base_proxy,
+                     "over_refusals": self.base_over},
             "trials": [{"trial": t.number, "kl": float(t.values[1]),
                         "refusals_proxy": int(t.values[0]) if t.number in answered else None,
-                        "refusals": confirmed.get(t.number), "pareto": t.number in front,
+                        "refusals": confirmed.get(t.number), "over_refusals": self.over.get(t.number),
+                        "pareto": t.number in front,
                         "params": dict(sorted(t.params.items())),
                         **({"layers": [e.to_json() for e in self.layer_edits(t.params)]} if t.number in front else {})}
                        for t in done],
@@ -290,6 +310,7 @@ class Study:
         if start is None:
             return None
         return {"trial": start.number, "kl": float(start.values[1]), "refusals": confirmed.get(start.number),
+                "over_refusals": self.over.get(start.number),
                 "refusals_proxy": int(start.values[0]) if start.number in answered else None,
                 "layers": [e.to_json() for e in self.layer_edits(start.params)]}
 

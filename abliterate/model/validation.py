@@ -13,6 +13,9 @@ them, and its result is judged on the eval sets it never saw.
   superset of the validation ones. Picking the fewest of 100 noisy counts favours trials that
   happen to suit those 32 prompts; counting again on several times as many prompts, most of them
   unseen by the sampler, removes much of that luck from the choice.
+* **over-refusal** (confirmed trials only): real answers to the last ``n`` prompts of
+  ``prompts/borderline.txt`` (edgy but harmless requests, disjoint from ``prompts/eval/``), judged
+  the same way; among confirmed trials with equally few refusals, the one refusing fewer of these wins.
 * **damage**: mean over the harmless validation prompts of KL(base || trial) of the first answer
   token, full vocabulary, natural log (heretic's number); the base distributions are computed once.
 
@@ -29,7 +32,7 @@ always take that path (``greedy_generate``, early refusal stop).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from abliterate.errors import fail
@@ -46,17 +49,20 @@ class ValidationSet:
     harmless: list[str]
     confirm: list[str]  # harmful prompts that confirm the best trials (the last ones of the file)
     info: dict  # per set: file, first (0-based index of the first prompt used), count, sha256
+    borderline: list[str] = field(default_factory=list)  # edgy but harmless (over-refusal; may be none)
 
 
-def split_validation(harmful: str | Path, harmless: str | Path, count: int, confirm: int = 0) -> ValidationSet:
-    """The last ``count`` prompts of each measurement file and the last ``confirm`` harmful ones
-    (0: the validation ones); a clear error if a file has fewer."""
+def split_validation(harmful: str | Path, harmless: str | Path, count: int, confirm: int = 0,
+                     borderline: str | Path | None = None) -> ValidationSet:
+    """The last ``count`` prompts of each measurement file (and of ``borderline``, when given) and the
+    last ``confirm`` harmful ones (0: the validation ones); a clear error if a file has fewer."""
     from abliterate.model.prompts import load_prompts, prompts_hash
 
     if count < 1:
         fail(f"search.validation must be at least 1, got {count}")
-    sets, info = {}, {}
-    for name, path in (("harmful", harmful), ("harmless", harmless)):
+    sets, info = {"borderline": []}, {}
+    files = (("harmful", harmful), ("harmless", harmless), *((("borderline", borderline),) if borderline else ()))
+    for name, path in files:
         prompts = load_prompts(path)
         if len(prompts) < count:
             fail(f"{path} has {len(prompts)} prompts but search.validation asks for the last {count}; "
@@ -72,19 +78,21 @@ def split_validation(harmful: str | Path, harmless: str | Path, count: int, conf
             sets["confirm"] = prompts[-confirm:]
             info["confirm"] = {"file": str(path), "first": len(prompts) - confirm, "count": confirm,
                                "sha256": prompts_hash(sets["confirm"])}
-    return ValidationSet(sets["harmful"], sets["harmless"], sets["confirm"], info)
+    return ValidationSet(sets["harmful"], sets["harmless"], sets["confirm"], info, sets["borderline"])
 
 
 class Scorer:
     """Scores the model *as it currently is* on the rendered validation prompts."""
 
     def __init__(self, model, tokenizer, harmful_ids: list[list[int]], harmless_ids: list[list[int]], *,
-                 batch_size: int, device: str, confirm_ids: list[list[int]] | None = None):
+                 batch_size: int, device: str, confirm_ids: list[list[int]] | None = None,
+                 borderline_ids: list[list[int]] | None = None):
         from abliterate.model.generation import stop_ids
 
         self.model, self.tokenizer = model, tokenizer
         self.harmful_ids, self.harmless_ids = harmful_ids, harmless_ids
         self.confirm_ids = harmful_ids if confirm_ids is None else confirm_ids
+        self.borderline_ids = borderline_ids or []  # edgy but harmless prompts: over-refusal of confirmed trials
         self.batch_size, self.device = batch_size, device
         self.eos = stop_ids(model, tokenizer)
         self.pad = int(tokenizer.pad_token_id)
@@ -248,7 +256,6 @@ class Scorer:
         """Does each harmful prompt's greedy answer (at most ``max_new_tokens``) refuse?
 
         ``confirm``: answer the confirmation prompts instead (whole prompts, the path ``evaluate`` uses)."""
-        from abliterate.model.generation import answer_text, greedy_generate
         from abliterate.refusal import is_refusal
 
         if self.share and not stop_early and not confirm:  # the shared-prefix path answers harmful_ids
@@ -258,7 +265,16 @@ class Scorer:
                 end = next((k for k, t in enumerate(answer) if t in eos), len(answer))
                 texts.append(self.tokenizer.decode(answer[:end], skip_special_tokens=True))
             return [is_refusal(t) for t in texts]
-        ids = self.confirm_ids if confirm else self.harmful_ids
+        return self._judged(self.confirm_ids if confirm else self.harmful_ids, max_new_tokens, stop_early)
+
+    def over_refusals(self, max_new_tokens: int) -> list[bool]:
+        """Does each borderline prompt's greedy answer refuse? (whole prompts, stopped early, as ``evaluate``)"""
+        return self._judged(self.borderline_ids, max_new_tokens, stop_early=True)
+
+    def _judged(self, ids: list[list[int]], max_new_tokens: int, stop_early: bool) -> list[bool]:
+        from abliterate.model.generation import answer_text, greedy_generate
+        from abliterate.refusal import is_refusal
+
         stop = None
         if stop_early:
             from abliterate.refusal import refusal_stop
