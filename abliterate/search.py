@@ -12,10 +12,11 @@ are not answered. At the end the ``confirm_top`` best trials within the budget a
 real answers (``confirm_tokens``) to more harmful prompts (``confirm_prompts``, the last ones of
 the file, the validation ones among them), and to the last ``validation`` borderline prompts (edgy
 but harmless; ``borderline``, optional): the chosen trial has the fewest confirmed refusals, then
-refuses the fewest borderline prompts, then has the lowest KL. The first trial is the default ablation (what ``plan`` does with ``layers:
-auto`` and the pipeline's measurement and scale, read from the layer scores); ``kl_budget``
-``auto`` makes its KL the budget, so the chosen trial refuses least among the trials that do no more damage than the
-default, and is the default itself if none beats it.
+refuses the fewest borderline prompts, then has the lowest KL. The first trial is the default
+ablation (what ``plan`` does with ``layers: auto`` and the pipeline's measurement and scale, read
+from the layer scores); ``kl_budget`` ``auto`` makes its KL the budget, so the chosen trial refuses
+least among the trials that do no more damage than the default, and is the default itself if none
+beats it.
 
 The study journal (``journal_dir``, outside the DVC outputs) is keyed by a hash of everything
 that decides a trial's numbers, so running again with more trials continues the same study, and
@@ -61,7 +62,8 @@ def _check(trials: int, validation: int, proxy_tokens: int, confirm_prompts: int
 
 
 def run_search(model_dir: Path, directions: Path, harmful: str, harmless: str, out: Path, plot: Path, *,
-               borderline: str | None = None, scores: Path | None = None, trials: int = 0, seed: int = 0, kl_budget: float | str = "auto",
+               borderline: str | None = None, scores: Path | None = None, trials: int = 0, seed: int = 0,
+               kl_budget: float | str = "auto",
                validation: int = 32, proxy_tokens: int = 8, confirm_prompts: int = 96, confirm_tokens: int = 12,
                confirm_top: int = 4, startup_trials: int = 20, batch_size: int = 32,
                dtype: str = "auto", device: str = "auto", threads: int = 2,

@@ -27,7 +27,8 @@ def _report(doc: dict, seconds: float, out: Path) -> None:
     table = Table(title=f"search: Pareto front ({n} validation prompts per set; confirmed on {c} harmful)",
                   title_justify="left")
     b = doc["validation"].get("borderline", {}).get("count")
-    for column in ("trial", "refusals (proxy)", "refusals (confirmed)", "over-refusals", "first-token KL", "directions"):
+    for column in ("trial", "refusals (proxy)", "refusals (confirmed)", "over-refusals", "first-token KL",
+                   "directions"):
         table.add_column(column, justify="right")
     for t in sorted((t for t in doc["trials"] if t["pareto"]), key=lambda t: t["kl"]):
         mark = " *" if doc["chosen"] and doc["chosen"]["trial"] == t["trial"] else ""
@@ -76,7 +77,8 @@ def main(
     harmful: Annotated[str, typer.Option(help="Harmful measurement prompts; the last --validation are used.")],
     harmless: Annotated[str, typer.Option(help="Harmless measurement prompts; the last --validation are used.")],
     out: Annotated[Path, typer.Option(help="Output search.json.")],
-    plot: Annotated[Path, typer.Option(help="Output CSV, one row per trial (trial, refusals, kl, pareto).")],
+    plot: Annotated[Path, typer.Option(help="Output CSV, one row per trial (trial, refusals, kl, pareto, "
+                                                 "confirmed, over_refusals).")],
     trials: Annotated[int, typer.Option(help="Trials to run (0: no search, nothing is loaded).")] = 0,
     borderline: Annotated[str, typer.Option(help="Borderline prompts (edgy but harmless); the last --validation judge "
                                                  "the confirmed trials' over-refusal ('' = none).")] = "",

@@ -61,7 +61,9 @@ def split_validation(harmful: str | Path, harmless: str | Path, count: int, conf
     if count < 1:
         fail(f"search.validation must be at least 1, got {count}")
     sets, info = {"borderline": []}, {}
-    files = (("harmful", harmful), ("harmless", harmless), *((("borderline", borderline),) if borderline else ()))
+    files = [("harmful", harmful), ("harmless", harmless)]
+    if borderline:
+        files.append(("borderline", borderline))
     for name, path in files:
         prompts = load_prompts(path)
         if len(prompts) < count:
