@@ -30,7 +30,7 @@ def main(
     demo_prompts: Annotated[Path, typer.Option(help="Folder of the demo's tuning prompts.")] = Path("prompts/demo"),
     demo_seed: Annotated[int, typer.Option(help="Demo: seed of the tuning run.")] = 0,
     demo_examples: Annotated[int, typer.Option(help="Demo: tuning examples.")] = 400,
-    demo_harmful_share: Annotated[float, typer.Option(help="Demo: share of the examples that are harmful.")] = 0.5,
+    demo_harmful_share: Annotated[float, typer.Option(help="Demo: share of the examples that are harmful.")] = 0.33,
     demo_epochs: Annotated[int, typer.Option(help="Demo: passes over the examples.")] = 2,
     demo_learning_rate: Annotated[float, typer.Option(help="Demo: AdamW learning rate.")] = 1e-4,
     demo_batch_size: Annotated[int, typer.Option(help="Demo: examples per optimizer step.")] = 8,
