@@ -306,15 +306,24 @@ def chosen(points: list[dict], budget: float) -> dict | None:
 
 
 def write_csv(rows: list[dict], path: Path, label: str) -> None:
-    lines = ["model,tool,point,refusals,over_refusal,kl_first_token,kl_answer,chosen"]
-    keep = []
+    """Rows of this ``label`` replace its earlier ones; other models' rows are kept. Written with the
+    csv module, so that a point name holding a comma ("default, scale 2") stays one quoted field."""
+    import csv
+    import io
+
+    keep: list[list[str]] = []
     if path.exists():
-        keep = [x for x in path.read_text().splitlines()[1:] if x and not x.startswith(f"{label},")]
+        with path.open(newline="") as f:
+            keep = [row for row in list(csv.reader(f))[1:] if row and row[0] != label]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["model", "tool", "point", "refusals", "over_refusal", "kl_first_token", "kl_answer", "chosen"])
+    writer.writerows(keep)
     for r in rows:
-        lines.append(f"{label},{r['tool']},{r['point']},{r['refusals']:.4f},{r['over_refusal']:.4f},"
-                     f"{r['kl_first_token']:.4f},{r['kl_answer']:.4f},{int(r.get('chosen', False))}")
+        writer.writerow([label, r["tool"], r["point"], f"{r['refusals']:.4f}", f"{r['over_refusal']:.4f}",
+                         f"{r['kl_first_token']:.4f}", f"{r['kl_answer']:.4f}", int(r.get("chosen", False))])
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join([lines[0], *keep, *lines[1:]]) + "\n")
+    path.write_text(out.getvalue())
 
 
 def write_svg(rows: list[dict], path: Path, label: str) -> None:
