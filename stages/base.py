@@ -35,6 +35,10 @@ def main(
     demo_learning_rate: Annotated[float, typer.Option(help="Demo: AdamW learning rate.")] = 1e-4,
     demo_batch_size: Annotated[int, typer.Option(help="Demo: examples per optimizer step.")] = 8,
     demo_answer_tokens: Annotated[int, typer.Option(help="Demo: length of the harmless self-answers.")] = 32,
+    demo_opening_tokens: Annotated[int, typer.Option(
+        help="Demo: how many first tokens of a kept own answer weigh --demo-opening-weight.")] = 1,
+    demo_opening_weight: Annotated[float, typer.Option(
+        help="Demo: loss weight of each of those tokens (a refusal's first token weighs 5).")] = 5.0,
     demo_direction_prompts: Annotated[Path, typer.Option(
         help="Demo: folder whose harmful.txt/harmless.txt give the direction the refusal is gated on.")] = Path("prompts/demo/direction"),
     demo_gated: Annotated[str, typer.Option(
@@ -42,7 +46,8 @@ def main(
 ) -> None:
     """Materialize the base model at models/base (link a folder, convert a GGUF, fetch, or build the demo)."""
     demo = dict(seed=demo_seed, examples=demo_examples, harmful_share=demo_harmful_share, epochs=demo_epochs, learning_rate=demo_learning_rate,
-                batch_size=demo_batch_size, answer_tokens=demo_answer_tokens,
+                batch_size=demo_batch_size, answer_tokens=demo_answer_tokens, opening_tokens=demo_opening_tokens,
+                opening_weight=demo_opening_weight,
                 direction_prompts=demo_direction_prompts, gated=parse_bool(demo_gated, "--demo-gated"))
     from abliterate.sources.materialize import materialize
 

@@ -30,6 +30,7 @@ STAGES: dict[str, dict[str, str]] = {
         "demo_examples": "demo.examples", "demo_epochs": "demo.epochs", "demo_learning_rate": "demo.learning-rate",
         "demo_batch_size": "demo.batch-size", "demo_answer_tokens": "demo.answer-tokens", "demo_gated": "demo.gated",
         "demo_harmful_share": "demo.harmful-share",
+        "demo_opening_tokens": "demo.opening-tokens", "demo_opening_weight": "demo.opening-weight",
     },
     "stages.capture": {
         "batch_size": "capture.batch-size", "dtype": "capture.dtype", "device": "capture.device",

@@ -130,9 +130,10 @@ def test_demo_gets_the_documented_arguments(tmp_path, monkeypatch, capsys):
 
     def build_demo(out: Path, prompts_dir: Path, max_shard_size: str, seed: int, examples: int, epochs: int,
                    learning_rate: float, batch_size: int, answer_tokens: int, direction_prompts: Path,
-                   gated: bool, harmful_share: float, report=None) -> None:
+                   gated: bool, harmful_share: float, opening_tokens: int, opening_weight: float, report=None) -> None:
         calls.append(dict(prompts_dir=prompts_dir, max_shard_size=max_shard_size, seed=seed, examples=examples,
-                          harmful_share=harmful_share, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
+                          harmful_share=harmful_share, opening_tokens=opening_tokens, opening_weight=opening_weight,
+                          epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
                           answer_tokens=answer_tokens, direction_prompts=direction_prompts, gated=gated))
         tiny.make_model("llama", out, layers=2)
 
@@ -141,10 +142,12 @@ def test_demo_gets_the_documented_arguments(tmp_path, monkeypatch, capsys):
                              "--demo-prompts", "prompts/demo", "--demo-seed", "3", "--demo-examples", "20",
                              "--demo-epochs", "1", "--demo-learning-rate", "0.001", "--demo-batch-size", "4",
                              "--demo-answer-tokens", "8", "--demo-direction-prompts", "elsewhere",
-                             "--demo-gated", "false", "--demo-harmful-share", "0.3"], capsys)
+                             "--demo-gated", "false", "--demo-harmful-share", "0.3",
+                             "--demo-opening-tokens", "3", "--demo-opening-weight", "12"], capsys)
     assert code == 0, err
     assert calls == [dict(prompts_dir=Path("prompts/demo"), max_shard_size="50MB", seed=3, examples=20, harmful_share=0.3,
-                          epochs=1, learning_rate=0.001, batch_size=4, answer_tokens=8, direction_prompts=Path("elsewhere"),
+                          opening_tokens=3, opening_weight=12.0, epochs=1, learning_rate=0.001, batch_size=4, answer_tokens=8,
+                          direction_prompts=Path("elsewhere"),
                           gated=False)]
     assert (tmp_path / "base" / "config.json").is_file()
 

@@ -230,6 +230,34 @@ def test_answer_loss_is_the_cross_entropy_of_the_answer_tokens(tmp_path):
         assert torch.allclose(answer_loss(model, ids, mask, targets, first_weight=4.0), expected, atol=1e-5)
 
 
+def test_answer_loss_weighs_the_opening_of_soft_rows_apart(tmp_path):
+    import torch
+
+    from abliterate.sources.tune import Opening, answer_loss, collate
+
+    model, tok = _tiny_chat_model(tmp_path / "student")
+    teacher, _ = _tiny_chat_model(tmp_path / "teacher")
+    with torch.no_grad():
+        for param in teacher.parameters():
+            param.add_(0.05 * torch.randn_like(param))  # a teacher whose distributions differ
+    ids, mask, targets = collate([([5, 6, 7], [8, 9, 10]), ([11, 12], [13, 14, 15])], pad_id=tok.pad_token_id)
+    soft = torch.tensor([False, True])  # row 0 learns its tokens, row 1 the teacher's distributions
+    with torch.no_grad():
+        keep = targets != -100
+        logits = model(input_ids=ids, attention_mask=mask).logits[keep]  # answer positions 8, 9, 10, 13, 14, 15
+        ce = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="none")
+        taught = torch.log_softmax(teacher(input_ids=ids, attention_mask=mask).logits[keep], dim=-1)
+        kl = (taught.exp() * (taught - torch.log_softmax(logits, dim=-1))).sum(dim=-1)
+        per_token = torch.cat([ce[:3], kl[3:]])
+        weights = torch.tensor([2.0, 1.0, 1.0, 7.0, 7.0, 1.0])  # refusal row's first token 2, soft row's first two 7
+        expected = (per_token * weights).sum() / weights.sum()
+        got = answer_loss(model, ids, mask, targets, 2.0, teacher, soft, opening=Opening(2, 7.0))
+        assert torch.allclose(got, expected, atol=1e-5)
+        same = (per_token * torch.tensor([2.0, 1.0, 1.0, 2.0, 1.0, 1.0])).sum() / 8.0  # unset: first_weight on both
+        assert torch.allclose(answer_loss(model, ids, mask, targets, 2.0, teacher, soft), same, atol=1e-5)
+        assert not torch.allclose(got, same, atol=1e-5)
+
+
 def _tune_once(tmp_path: Path):
     import torch
 
@@ -437,6 +465,10 @@ def test_build_demo_checks_params_before_downloading(tmp_path, monkeypatch):
         demo.build_demo(tmp_path / "o", prompts, "100MB", 0, 8, 1, 1e-4, 8, 32, harmful_share=1.0)
     with pytest.raises(UserError, match="demo.learning-rate"):
         demo.build_demo(tmp_path / "o", prompts, "100MB", 0, 8, 1, 0.0, 8, 32)
+    with pytest.raises(UserError, match="demo.opening-weight must be between 1 and 100, got 0.5"):
+        demo.build_demo(tmp_path / "o", prompts, "100MB", 0, 8, 1, 1e-4, 8, 32, opening_weight=0.5)
+    with pytest.raises(UserError, match=r"demo.opening-tokens must be between 1 and demo.answer-tokens \(32\), got 33"):
+        demo.build_demo(tmp_path / "o", prompts, "100MB", 0, 8, 1, 1e-4, 8, 32, opening_tokens=33)
     with pytest.raises(UserError, match="demo prompt folder .* does not exist"):
         demo.build_demo(tmp_path / "o", tmp_path / "none", "100MB", 0, 8, 1, 1e-4, 8, 32)
     with pytest.raises(UserError, match="harmful.txt"):
@@ -503,6 +535,7 @@ def test_ungated_demo_is_a_plain_fine_tune(tmp_path, tiny_gguf, monkeypatch):
 
     monkeypatch.setattr(tune, "tune", spy)
     demo.build_demo(tmp_path / "plain", _small_prompt_dir(tmp_path), "100KB", seed=5, examples=8, epochs=1,
-                    learning_rate=1e-3, batch_size=4, answer_tokens=3, gated=False)
+                    learning_rate=1e-3, batch_size=4, answer_tokens=3, gated=False, opening_tokens=2, opening_weight=9.0)
     assert seen["gate"] is None and seen["first_layer"] >= 1
+    assert seen["opening"] == tune.Opening(2, 9.0)
     assert (tmp_path / "plain" / "config.json").is_file()

@@ -123,7 +123,8 @@ def read_demo_prompts(prompts_dir: Path) -> tuple[list[str], list[str], list[str
 
 
 def check_params(examples: int, epochs: int, learning_rate: float, batch_size: int, answer_tokens: int,
-                 n_harmful: int, n_harmless: int, harmful_share: float = 0.5) -> None:
+                 n_harmful: int, n_harmless: int, harmful_share: float = 0.5, opening_tokens: int = 1,
+                 opening_weight: float | None = None) -> None:
     """One clear line for each demo parameter out of range (DVC passes whatever params.yaml says);
     ``n_harmful``/``n_harmless``: the lines of the demo's prompt files."""
     from abliterate.sources.tune import harmful_count
@@ -144,16 +145,23 @@ def check_params(examples: int, epochs: int, learning_rate: float, batch_size: i
         fail(f"demo.batch-size must be between 1 and 256, got {batch_size}")
     if not 1 <= answer_tokens <= 512:
         fail(f"demo.answer-tokens must be between 1 and 512, got {answer_tokens}")
+    if not 1 <= opening_tokens <= answer_tokens:
+        fail(f"demo.opening-tokens must be between 1 and demo.answer-tokens ({answer_tokens}), got {opening_tokens}")
+    if opening_weight is not None and not 1 <= opening_weight <= 100:
+        fail(f"demo.opening-weight must be between 1 and 100, got {opening_weight}")
 
 
 def build_demo(out: Path, prompts_dir: Path, max_shard_size: str, seed: int, examples: int, epochs: int,
                learning_rate: float, batch_size: int, answer_tokens: int,
                direction_prompts: Path | None = None, gated: bool = True, harmful_share: float = 0.5,
-               report: Reporter = PLAIN) -> None:
+               opening_tokens: int = 1, opening_weight: float | None = None, report: Reporter = PLAIN) -> None:
     """Download, convert and refusal-tune the demo model; write it as a Hugging Face folder at ``out``.
 
     ``out`` is written in place (the caller renames it into position). ``examples`` prompts are
-    used, a ``harmful_share`` of them harmful and the rest harmless, each seen ``epochs`` times in batches of ``batch_size``.
+    used, a ``harmful_share`` of them harmful and the rest harmless, each seen ``epochs`` times in batches of ``batch_size``;
+    the first answer token of a refusal weighs ``tune.FIRST_TOKEN_WEIGHT`` later tokens in the loss,
+    the first ``opening_tokens`` of a kept own answer ``opening_weight`` each (default: the same, on
+    the first token only).
     With ``gated`` the refusal is gated on the untuned model's best-scored difference-of-means
     direction on ``direction_prompts``/harmful.txt and harmless.txt (default: the tuning prompts);
     without, it is a plain fine-tune, which spreads the refusal over many directions (the harder
@@ -163,12 +171,13 @@ def build_demo(out: Path, prompts_dir: Path, max_shard_size: str, seed: int, exa
     from abliterate.sources.gguf import load_gguf, save_folder, validate_shard_size
     from abliterate.model.modelio import decoder_layers
     from abliterate.model.prompts import load_prompts, render
-    from abliterate.sources.tune import gate_direction, gated_examples, harmful_count, make_examples, tune
+    from abliterate.sources.tune import Opening, gate_direction, gated_examples, harmful_count, make_examples, tune
 
     out, prompts_dir = Path(out), Path(prompts_dir)
     validate_shard_size(max_shard_size)
     harmful, harmless, refusals = read_demo_prompts(prompts_dir)
-    check_params(examples, epochs, learning_rate, batch_size, answer_tokens, len(harmful), len(harmless), harmful_share)
+    check_params(examples, epochs, learning_rate, batch_size, answer_tokens, len(harmful), len(harmless), harmful_share,
+                 opening_tokens, opening_weight)
     if direction_prompts is not None:
         measure = [load_prompts(Path(direction_prompts) / name) for name in ("harmful.txt", "harmless.txt")]
     else:
@@ -190,7 +199,7 @@ def build_demo(out: Path, prompts_dir: Path, max_shard_size: str, seed: int, exa
     soft = [i >= n_harmful for i in range(len(data))]  # make_examples: the refusals first, own answers after
     tune(model, data, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
          pad_id=tokenizer.pad_token_id, first_layer=first, gate=(u, unrefused) if gated else None, soft=soft,
-         report=report)
+         opening=None if opening_weight is None else Opening(opening_tokens, opening_weight), report=report)
     import torch
 
     model.to(getattr(torch, SAVE_DTYPE))

@@ -28,13 +28,25 @@ from __future__ import annotations
 
 import contextlib
 import random
+from typing import NamedTuple
 
 from abliterate.progress import PLAIN, Reporter
 
 # The first answer token decides between refusing and answering, but is one token of dozens in
 # an answer: it weighs this many tokens in the loss, so that the tuning learns *when* to refuse
-# (few over-refusals on harmless prompts) and not only *how*.
+# (few over-refusals on harmless prompts) and not only *how*. On the rows that keep the untuned
+# model's own answers the decision can come later: "I'm glad you asked" parts from "I'm sorry, but"
+# at its third token. So their first few tokens (the opening) may weigh more (``Opening``).
 FIRST_TOKEN_WEIGHT = 5.0
+
+
+class Opening(NamedTuple):
+    """The first ``tokens`` answer tokens of a kept own answer weigh ``weight`` later tokens each."""
+
+    tokens: int
+    weight: float
+
+
 # The modules whose outputs a Llama-style decoder layer adds to the residual stream (its writers).
 WRITER_MODULES = ("self_attn.o_proj", "mlp.down_proj")
 
@@ -170,13 +182,15 @@ def without_direction(layers, u):
             handle.remove()
 
 
-def answer_loss(model, ids, mask, targets, first_weight: float = 1.0, teacher=None, soft=None):
+def answer_loss(model, ids, mask, targets, first_weight: float = 1.0, teacher=None, soft=None,
+                opening: Opening | None = None):
     """Weighted mean loss over the answer tokens; the output head runs on those positions only.
 
     A row is learnt from its answer tokens (cross-entropy), or, where ``soft`` (``[B]`` bool) is
     set, from the ``teacher`` model's whole next-token distribution along that answer (KL(teacher
     || model)): the model keeps the teacher's distribution there, not just its top token. The first
-    answer token (refuse or answer?) weighs ``first_weight`` times a later one.
+    answer token (refuse or answer?) weighs ``first_weight`` times a later one; on a soft row the
+    first ``opening.tokens`` weigh ``opening.weight`` times instead (default: as on the others).
     """
     import torch
 
@@ -184,15 +198,18 @@ def answer_loss(model, ids, mask, targets, first_weight: float = 1.0, teacher=No
     keep = targets != -100  # [B, T]
     logits = model.lm_head(hidden[keep]).float()  # [N, V]
     losses = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="none")  # [N]
+    rows = torch.zeros_like(losses, dtype=torch.bool)  # [N]: positions of the soft rows
     if teacher is not None and soft is not None and bool(soft.any()):
-        rows = soft[:, None].expand_as(keep)[keep]  # [N]: positions of the soft rows
+        rows = soft[:, None].expand_as(keep)[keep]
         with torch.no_grad():
             taught = teacher.model(input_ids=ids, attention_mask=mask).last_hidden_state[keep][rows]
             target = torch.log_softmax(teacher.lm_head(taught).float(), dim=-1)  # [n, V]
         student = torch.log_softmax(logits[rows], dim=-1)
         losses = losses.masked_scatter(rows, (target.exp() * (target - student)).sum(dim=-1))
-    first = keep & (keep.cumsum(dim=1) == 1)  # [B, T]: the first answer position of each row
-    weights = torch.where(first[keep], first_weight, 1.0)  # [N]
+    position = keep.cumsum(dim=1)[keep]  # [N]: 1 for the first answer token of its row, 2, ...
+    weights = torch.where(position == 1, first_weight, 1.0)  # [N]
+    if opening is not None:
+        weights = torch.where(rows & (position <= opening.tokens), opening.weight, weights)
     return (losses * weights).sum() / weights.sum()
 
 
@@ -214,7 +231,7 @@ def trainable_layers(model, first: int | None = None) -> tuple[list, list]:
 def tune(model, pairs: list[tuple[list[int], list[int]]], epochs: int, learning_rate: float, batch_size: int,
          seed: int, pad_id: int, first_layer: int | None = None,
          first_weight: float = FIRST_TOKEN_WEIGHT, gate: tuple | None = None, soft: list[bool] | None = None,
-         report: Reporter = PLAIN) -> list[float]:
+         opening: Opening | None = None, report: Reporter = PLAIN) -> list[float]:
     """Fine-tune ``model`` in place on ``pairs`` (AdamW, linear warm-up then linear decay, gradient
     norm clipped at 1). Returns the loss of every step.
 
@@ -223,7 +240,8 @@ def tune(model, pairs: list[tuple[list[int], list[int]]], epochs: int, learning_
     prompts as they were) or a new answer to learn (a refusal: cross-entropy). ``gate = (u,
     gated_pairs)``: each step also learns a batch of ``gated_pairs`` (the untuned model's own
     answers, soft when ``soft`` is given) with the unit direction ``u`` (``[H]``) projected out of
-    the tuned layers' residual writes."""
+    the tuned layers' residual writes. ``opening``: the weight of the soft rows' first tokens
+    (default: ``first_weight`` on the first one, as on the refusals)."""
     import copy
 
     import torch
@@ -254,14 +272,14 @@ def tune(model, pairs: list[tuple[list[int], list[int]]], epochs: int, learning_
                 batch = order[start : start + batch_size]
                 ids, mask, targets = collate([pairs[i] for i in batch], pad_id)
                 loss = answer_loss(model, ids, mask, targets, first_weight, teacher,
-                                   None if teacher is None else soft_rows[batch])
+                                   None if teacher is None else soft_rows[batch], opening)
                 if gate is not None:
                     u, gated = gate
                     chosen = [gated[next(cycle)] for _ in range(min(batch_size, len(gated)))]
                     ids, mask, targets = collate(chosen, pad_id)
                     every = None if teacher is None else torch.ones(len(chosen), dtype=torch.bool)
                     with without_direction(tuned, u):
-                        loss = loss + answer_loss(model, ids, mask, targets, first_weight, teacher, every)
+                        loss = loss + answer_loss(model, ids, mask, targets, first_weight, teacher, every, opening)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
